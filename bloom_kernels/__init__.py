@@ -1,0 +1,25 @@
+"""bloom_kernels: Triton kernels for BLOOM, each with an eager PyTorch reference.
+
+Public ops (dispatched per call by BLOOM_KERNELS_BACKEND, see `_dispatch.py`):
+alibi_slopes, alibi_attention, alibi_attention_probs, bias_gelu, layer_norm, quantize_int8, int8_linear.
+"""
+
+from .ops import (
+    alibi_attention,
+    alibi_attention_probs,
+    alibi_slopes,
+    bias_gelu,
+    int8_linear,
+    layer_norm,
+    quantize_int8,
+)
+
+__all__ = [
+    "alibi_attention",
+    "alibi_attention_probs",
+    "alibi_slopes",
+    "bias_gelu",
+    "int8_linear",
+    "layer_norm",
+    "quantize_int8",
+]

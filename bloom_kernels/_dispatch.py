@@ -1,0 +1,93 @@
+"""THE one place that decides, per call, whether an op runs its Triton kernel or the eager reference.
+
+    BLOOM_KERNELS_BACKEND=auto       (default) Triton for CUDA tensors the kernel supports, else reference
+    BLOOM_KERNELS_BACKEND=triton     always Triton; with TRITON_INTERPRET=1 this runs on CPU tensors;
+                                     an input the kernel cannot take is an error, not a silent fallback
+    BLOOM_KERNELS_BACKEND=reference  always the eager reference
+
+The variable is read on every call, so tests and users can switch it at run time. A kernel module
+registers itself in `TRITON_OPS` and provides, for its op, a callable `run` with the op's signature and
+`unsupported(*args, **kwargs) -> str | None` giving the reason an input cannot take the kernel.
+Nothing here imports triton at import time: a CPU-only install without triton still works.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections import Counter
+from functools import lru_cache
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from . import reference
+
+BACKEND_ENV = "BLOOM_KERNELS_BACKEND"
+BACKENDS = ("auto", "triton", "reference")
+
+# op name -> module holding its Triton kernel (attributes `<op>` and `<op>_unsupported`).
+# An op missing here has no kernel yet and always runs the reference.
+TRITON_OPS: dict[str, str] = {}
+
+# How many times each (op, backend) was chosen; tests read it to prove which path ran.
+dispatch_counts: Counter = Counter()
+
+
+def requested_backend() -> str:
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}; got {value!r}")
+    return value
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=None)
+def _kernel_module(op: str) -> ModuleType | None:
+    """The module of op's Triton kernel, or None if it has none or triton cannot be imported."""
+    name = TRITON_OPS.get(op)
+    if name is None:
+        return None
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Callable:
+    """Return the implementation of `op` to run on these arguments (the kernel or the reference).
+
+    `tensors` are the op's tensor arguments (their devices decide `auto`); `args`/`kwargs` are the full
+    call, passed to the kernel's `unsupported` check.
+    """
+    mode = requested_backend()
+    kernel = None if mode == "reference" else _kernel_module(op)
+    if kernel is None:
+        if mode == "triton" and op in TRITON_OPS:
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton but the Triton kernel of {op} cannot be imported "
+                "(is triton installed?)"
+            )
+        dispatch_counts[(op, "reference")] += 1
+        return getattr(reference, op)
+
+    on_cuda = all(t.is_cuda for t in tensors)
+    reason = getattr(kernel, f"{op}_unsupported")(*args, **kwargs)
+    if mode == "triton":
+        if not on_cuda and not triton_interpreting():
+            devices = sorted({str(t.device) for t in tensors})
+            raise RuntimeError(
+                f"{BACKEND_ENV}=triton needs CUDA tensors, or TRITON_INTERPRET=1 set before triton is "
+                f"imported to run the kernels on the CPU; {op} got tensors on {devices}"
+            )
+        if reason is not None:
+            raise ValueError(f"{op}: the Triton kernel does not support this input: {reason}")
+    elif not on_cuda or reason is not None:
+        dispatch_counts[(op, "reference")] += 1
+        return getattr(reference, op)
+    dispatch_counts[(op, "triton")] += 1
+    return getattr(kernel, op)

@@ -1,0 +1,218 @@
+"""Eager PyTorch definition of every bloom_kernels op.
+
+This file is the truth: the Triton kernels are tested against it, and it is the path every op takes
+on the CPU. Each op upcasts to fp32, computes, and casts back to the input dtype once, so a kernel
+that keeps fp32 inside and rounds once at the store should agree with it to the last bit or two.
+
+Ops:
+    alibi_slopes(n_head)                                    -> (H,) fp32
+    alibi_attention(q, k, v, slopes, attention_mask, scale) -> (B, H, Sq, D)
+    alibi_attention_probs(...)                              -> ((B, H, Sq, D), (B, H, Sq, Sk) probs)
+    bias_gelu(x, bias)                                      -> x.shape
+    layer_norm(x, weight, bias, eps, residual)              -> y  or  (y, x + residual)
+    quantize_int8(weight)                                   -> (int8 (N, K), fp32 (N,))
+    int8_linear(x, weight_int8, scale, bias)                -> (..., N)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# BLOOM's tanh-GeLU constants, kept exactly as Megatron-DeepSpeed and transformers write them:
+# sqrt(2/pi) rounded to 0.79788456, and 0.1070322243 = 0.79788456 * 3 * 0.044715 for the derivative.
+GELU_SQRT_2_OVER_PI = 0.79788456
+GELU_CUBIC = 0.044715
+GELU_DERIV_CUBIC = 0.1070322243
+
+INT8_MAX = 127.0
+
+
+# --------------------------------------------------------------------------------------------------
+# ALiBi
+# --------------------------------------------------------------------------------------------------
+def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> Tensor:
+    """The ALiBi slope of each head, fp32, shape (n_head,).
+
+    For a power of two n the slopes are 2^(-8/n * k), k = 1..n. For any other n (BLOOM-176B: 112) the
+    first 2^floor(log2 n) heads take that rule and the rest take every other slope (odd powers) of the
+    rule for twice that power of two — the interleaving of the ALiBi paper and of transformers.
+    """
+    if isinstance(n_head, bool) or not isinstance(n_head, int) or n_head < 1:
+        raise ValueError(f"alibi_slopes: n_head must be a positive int, got {n_head!r}")
+    closest = 2 ** math.floor(math.log2(n_head))
+    # Same float32 pow as transformers so the slopes agree bit for bit.
+    base = torch.tensor(2 ** (-(2 ** -(math.log2(closest) - 3))), dtype=torch.float32, device=device)
+    slopes = torch.pow(base, torch.arange(1, closest + 1, dtype=torch.int32, device=device))
+    if closest != n_head:
+        extra_base = torch.tensor(
+            2 ** (-(2 ** -(math.log2(2 * closest) - 3))), dtype=torch.float32, device=device
+        )
+        remaining = min(closest, n_head - closest)
+        extra_powers = torch.arange(1, 2 * remaining + 1, 2, dtype=torch.int32, device=device)
+        slopes = torch.cat([slopes, torch.pow(extra_base, extra_powers)])
+    return slopes
+
+
+def alibi_positions(attention_mask: Tensor | None, batch: int, key_len: int, device) -> Tensor:
+    """Position of every key for the ALiBi bias, fp32 (B, Sk): cumsum(mask) - 1 (0 at padding).
+
+    This is transformers' rule. With left padding the first real token gets position 0, so a padded
+    row sees exactly the biases it would see unpadded.
+    """
+    if attention_mask is None:
+        return torch.arange(key_len, device=device, dtype=torch.float32).expand(batch, key_len)
+    mask = attention_mask.to(torch.int64)
+    return ((mask.cumsum(-1) - 1) * mask).to(torch.float32)
+
+
+def _attention_scores(q, k, slopes, attention_mask, scale) -> Tensor:
+    """fp32 scores (B, H, Sq, Sk) with ALiBi bias, causal mask and key padding applied (-inf)."""
+    batch, _, q_len, head_dim = q.shape
+    key_len = k.shape[2]
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    pos = alibi_positions(attention_mask, batch, key_len, q.device)
+    scores = scores + slopes.float().view(1, -1, 1, 1) * pos[:, None, None, :]
+    # Queries are aligned to the END of the keys: query i is at absolute position Sk - Sq + i.
+    q_abs = torch.arange(key_len - q_len, key_len, device=q.device)
+    allowed = torch.arange(key_len, device=q.device)[None, :] <= q_abs[:, None]  # (Sq, Sk)
+    allowed = allowed[None, None]
+    if attention_mask is not None:
+        allowed = allowed & attention_mask.bool()[:, None, None, :]
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def _masked_softmax(scores: Tensor) -> Tensor:
+    """Softmax over keys; a row with no visible key (a padded query) gets all-zero weights."""
+    probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def alibi_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slopes: Tensor,
+    attention_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> Tensor:
+    """softmax(q kᵀ·scale + slope_h·pos_j, causal, padded keys excluded) v, in fp32, cast to q.dtype.
+
+    q (B, H, Sq, D), k/v (B, H, Sk, D) with Sq <= Sk, any strides; slopes (H,);
+    attention_mask (B, Sk) 1 = token, 0 = padding; scale defaults to 1/sqrt(D).
+    Rows with no visible key (queries at padded positions) return zeros.
+    """
+    probs = _masked_softmax(_attention_scores(q, k, slopes, attention_mask, scale))
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def alibi_attention_probs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    slopes: Tensor,
+    attention_mask: Tensor | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """alibi_attention that also returns the probabilities, with optional dropout on them.
+
+    Dropout is applied to the probabilities in q.dtype with the same call and shape transformers
+    uses, so under the same RNG seed both drop the same entries. Returns (out, probs).
+    """
+    probs = _masked_softmax(_attention_scores(q, k, slopes, attention_mask, scale)).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
+    out = torch.matmul(probs.float(), v.float()).to(q.dtype)
+    return out, probs
+
+
+# --------------------------------------------------------------------------------------------------
+# bias + GeLU
+# --------------------------------------------------------------------------------------------------
+def gelu_forward_fp32(h: Tensor) -> Tensor:
+    """BLOOM's tanh GeLU on an fp32 tensor."""
+    return h * 0.5 * (1.0 + torch.tanh(GELU_SQRT_2_OVER_PI * h * (1.0 + GELU_CUBIC * h * h)))
+
+
+def gelu_backward_fp32(grad: Tensor, h: Tensor) -> Tensor:
+    """BLOOM's hand-written derivative of its tanh GeLU (Megatron's bias_gelu_back), fp32."""
+    t = torch.tanh(GELU_SQRT_2_OVER_PI * h * (1.0 + GELU_CUBIC * h * h))
+    dgelu = 0.5 * h * ((1.0 - t * t) * (GELU_SQRT_2_OVER_PI + GELU_DERIV_CUBIC * h * h)) + 0.5 * (1.0 + t)
+    return dgelu * grad
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor) -> Tensor:
+        ctx.save_for_backward(x, bias)
+        return gelu_forward_fp32(x.float() + bias.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, bias = ctx.saved_tensors
+        dh = gelu_backward_fp32(grad_out.float(), x.float() + bias.float())
+        dx = dh.to(x.dtype) if ctx.needs_input_grad[0] else None
+        dbias = dh.reshape(-1, bias.shape[-1]).sum(0).to(bias.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dbias
+
+
+def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+    """gelu_tanh(x + bias) with BLOOM's constants; bias (N,) broadcasts over x (..., N)."""
+    return _BiasGelu.apply(x, bias)
+
+
+# --------------------------------------------------------------------------------------------------
+# (residual-add +) LayerNorm
+# --------------------------------------------------------------------------------------------------
+def layer_norm(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    eps: float = 1e-5,
+    residual: Tensor | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """LayerNorm over the last dim in fp32. With `residual`: returns (LN(x + residual), x + residual).
+
+    The sum is formed in fp32 and normalised before rounding; it is returned in x.dtype (it is the
+    next residual stream).
+    """
+    h = x.float() if residual is None else x.float() + residual.float()
+    y = F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+    if residual is None:
+        return y
+    return y, h.to(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# int8 weight-only linear
+# --------------------------------------------------------------------------------------------------
+def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel absmax quantisation of a (N, K) weight.
+
+    Returns (weight_int8 (N, K) int8, scale (N,) fp32) with weight ≈ weight_int8 * scale[:, None].
+    An all-zero row gets scale 0 and zeros (no division by zero).
+    """
+    w = weight.detach().float()
+    absmax = w.abs().amax(dim=-1)
+    scale = absmax / INT8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / safe[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(weight_int8: Tensor, scale: Tensor) -> Tensor:
+    """fp32 (N, K) weight from its int8 form."""
+    return weight_int8.float() * scale.float()[:, None]
+
+
+def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """y = x · (weight_int8 * scale)ᵀ + bias in fp32, cast to x.dtype. x (..., K) -> (..., N)."""
+    y = torch.matmul(x.float(), dequantize_int8(weight_int8, scale).t())
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,36 @@
+"""Shared test setup.
+
+Without CUDA the Triton kernels run through Triton's CPU interpreter, which must be switched on
+before triton is first imported — so it is set here, at collection time.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from helpers import HAS_CUDA, triton_importable  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def force_triton(monkeypatch):
+    """Run bloom_kernels ops on their Triton kernels (interpreter on CPU, compiled on a GPU)."""
+    if not triton_importable():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("BLOOM_KERNELS_BACKEND", "triton")
+
+
+@pytest.fixture
+def force_reference(monkeypatch):
+    monkeypatch.setenv("BLOOM_KERNELS_BACKEND", "reference")
