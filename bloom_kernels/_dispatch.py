@@ -14,6 +14,7 @@ Nothing here imports triton at import time: a CPU-only install without triton st
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 from collections import Counter
 from functools import lru_cache
@@ -28,8 +29,13 @@ BACKEND_ENV = "BLOOM_KERNELS_BACKEND"
 BACKENDS = ("auto", "triton", "reference")
 
 # op name -> module holding its Triton kernel (attributes `<op>` and `<op>_unsupported`).
-# An op missing here has no kernel yet and always runs the reference.
-TRITON_OPS: dict[str, str] = {}
+# An op whose module does not exist (yet) always runs the reference.
+TRITON_OPS: dict[str, str] = {
+    "alibi_attention": "bloom_kernels.attention",
+    "bias_gelu": "bloom_kernels.bias_gelu",
+    "layer_norm": "bloom_kernels.layer_norm",
+    "int8_linear": "bloom_kernels.int8_linear",
+}
 
 # How many times each (op, backend) was chosen; tests read it to prove which path ran.
 dispatch_counts: Counter = Counter()
@@ -48,14 +54,17 @@ def triton_interpreting() -> bool:
 
 @lru_cache(maxsize=None)
 def _kernel_module(op: str) -> ModuleType | None:
-    """The module of op's Triton kernel, or None if it has none or triton cannot be imported."""
+    """The module of op's Triton kernel, or None if it has none or triton is not installed.
+
+    Any other import error of a kernel module propagates: a broken kernel must not hide behind the
+    reference.
+    """
     name = TRITON_OPS.get(op)
-    if name is None:
+    if name is None or importlib.util.find_spec(name) is None:
         return None
-    try:
-        return importlib.import_module(name)
-    except ImportError:
+    if importlib.util.find_spec("triton") is None:
         return None
+    return importlib.import_module(name)
 
 
 def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Callable:
@@ -67,11 +76,8 @@ def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Calla
     mode = requested_backend()
     kernel = None if mode == "reference" else _kernel_module(op)
     if kernel is None:
-        if mode == "triton" and op in TRITON_OPS:
-            raise RuntimeError(
-                f"{BACKEND_ENV}=triton but the Triton kernel of {op} cannot be imported "
-                "(is triton installed?)"
-            )
+        if mode == "triton" and op in TRITON_OPS and importlib.util.find_spec("triton") is None:
+            raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed (needed by {op})")
         dispatch_counts[(op, "reference")] += 1
         return getattr(reference, op)
 
