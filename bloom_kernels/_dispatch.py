@@ -17,7 +17,6 @@ import importlib
 import importlib.util
 import os
 from collections import Counter
-from functools import lru_cache
 from types import ModuleType
 from typing import Callable
 
@@ -52,8 +51,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@lru_cache(maxsize=None)
+_kernel_modules: dict[str, ModuleType | None] = {}
+
+
 def _kernel_module(op: str) -> ModuleType | None:
+    if op not in _kernel_modules:
+        _kernel_modules[op] = _find_kernel_module(op)
+    return _kernel_modules[op]
+
+
+def _find_kernel_module(op: str) -> ModuleType | None:
     """The module of op's Triton kernel, or None if it has none or triton is not installed.
 
     Any other import error of a kernel module propagates: a broken kernel must not hide behind the
