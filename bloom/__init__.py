@@ -1,0 +1,1 @@
+"""bloom: a slim BLOOM model, a drop-in for transformers, running on bloom_kernels."""

@@ -1,0 +1,81 @@
+"""Find a model's files: in a local directory, or fetched (one file at a time) from the Hugging Face hub.
+
+Only the files asked for are downloaded — never a whole repository snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+class ModelNotFoundError(OSError):
+    """The name is neither a local directory nor a reachable hub repository."""
+
+
+def is_local(name_or_path: str | os.PathLike) -> bool:
+    return Path(name_or_path).is_dir()
+
+
+def resolve_file(
+    name_or_path: str | os.PathLike,
+    filename: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    token: str | bool | None = None,
+    required: bool = True,
+) -> Path | None:
+    """Path of `filename` in a local directory or a hub repo; None if absent and not `required`."""
+    if is_local(name_or_path):
+        path = Path(name_or_path) / filename
+        if path.is_file():
+            return path
+        if required:
+            raise FileNotFoundError(f"{filename} not found in the directory {name_or_path}")
+        return None
+
+    name = str(name_or_path)
+    if name.count("/") > 1 or name.startswith((".", "/", "~")) or "\\" in name:
+        # Looks like a filesystem path, not an 'org/name' hub id.
+        raise ModelNotFoundError(f"{name!r} is not a directory (and does not look like a hub id)")
+
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            hf_hub_download(
+                repo_id=name,
+                filename=filename,
+                revision=revision,
+                cache_dir=cache_dir,
+                local_files_only=local_files_only,
+                token=token,
+            )
+        )
+    except LocalEntryNotFoundError:
+        # Offline (or local_files_only) and the file is not in the cache. When the file is optional
+        # we cannot tell "absent from the repo" from "not cached": treat it as absent.
+        if not required:
+            return None
+        raise ModelNotFoundError(
+            f"{filename} of {name!r} is not in the local cache and the hub cannot be reached "
+            "(offline or local_files_only=True); pass a local directory or go online once"
+        ) from None
+    except EntryNotFoundError:
+        if required:
+            raise FileNotFoundError(f"{filename} not found in the hub repository {name}") from None
+        return None
+    except RepositoryNotFoundError:
+        raise ModelNotFoundError(
+            f"{name!r} is not a local directory and not a hub repository you can access"
+        ) from None
+    except RevisionNotFoundError:
+        raise ModelNotFoundError(f"revision {revision!r} not found in the hub repository {name}") from None
