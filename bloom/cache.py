@@ -1,0 +1,150 @@
+"""BloomCache: a key/value cache allocated once, (B, H, capacity, D) per layer, written in place.
+
+Each forward writes the new keys/values at [length, length + S) and attends over the view [:length + S]
+— no concatenation. `generate` sizes it once for prompt + max_new_tokens (fixed capacity, so a decode
+step has static shapes and can be captured in a CUDA graph). A cache the model creates on its own
+(plain `forward(use_cache=True)`) may grow, doubling its capacity, so a hand-written decoding loop works
+like with transformers.
+
+Layout: `cache[i]` is (key, value) of layer i, each (B, H, length, D). `to_legacy_cache()` gives
+transformers 4.x's BLOOM tuples: key (B*H, D, L), value (B*H, L, D); `from_legacy_cache` reads them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+class CacheOverflowError(ValueError):
+    """A forward would write past the end of a fixed-capacity cache."""
+
+
+class BloomCache:
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        head_dim: int,
+        capacity: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        growable: bool = False,
+    ) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        shape = (batch_size, n_head, capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.length = 0  # positions filled, shared by every layer once a forward completes
+        self.growable = growable
+
+    # --- shape ------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.keys[0].dtype
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, layer: int) -> tuple[Tensor, Tensor]:
+        return self.keys[layer][:, :, : self.length], self.values[layer][:, :, : self.length]
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    # --- writing ----------------------------------------------------------------------------------
+    def reserve(self, new_tokens: int) -> None:
+        """Make room for `new_tokens` more positions (grow, or refuse if the capacity is fixed)."""
+        needed = self.length + new_tokens
+        if needed <= self.capacity:
+            return
+        if not self.growable:
+            raise CacheOverflowError(
+                f"the KV cache holds {self.capacity} positions; {self.length} are used and this call "
+                f"adds {new_tokens} (would need {needed})"
+            )
+        new_capacity = max(needed, 2 * self.capacity)
+        for store in (self.keys, self.values):
+            for i, old in enumerate(store):
+                grown = old.new_zeros(old.shape[:2] + (new_capacity,) + old.shape[3:])
+                grown[:, :, : self.length] = old[:, :, : self.length]
+                store[i] = grown
+
+    def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write key/value (B, H, S, D) at the current end; return views of all L + S positions.
+
+        `reserve` must have been called for this step; `advance` moves the end after the last layer.
+        """
+        end = self.length + key.shape[2]
+        self.keys[layer][:, :, self.length : end] = key
+        self.values[layer][:, :, self.length : end] = value
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on (the buffers are kept)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"crop length must be in [0, {self.length}], got {length}")
+        self.length = length
+
+    # --- transformers' 4.x tuple format -------------------------------------------------------------
+    def to_legacy_cache(self) -> tuple[tuple[Tensor, Tensor], ...]:
+        batch, heads = self.keys[0].shape[:2]
+        out = []
+        for key, value in self:
+            head_dim = key.shape[-1]
+            out.append((
+                key.reshape(batch * heads, self.length, head_dim).transpose(1, 2),
+                value.reshape(batch * heads, self.length, head_dim),
+            ))
+        return tuple(out)
+
+    @classmethod
+    def from_legacy_cache(cls, past, n_head: int, *, growable: bool = True) -> "BloomCache":
+        """Read transformers 4.x BLOOM tuples (key (B*H, D, L), value (B*H, L, D)) or (B, H, L, D) pairs."""
+        first_key = past[0][0]
+        if first_key.dim() == 3:
+            batch_heads, head_dim, length = first_key.shape
+            if batch_heads % n_head != 0:
+                raise ValueError(
+                    f"past_key_values keys have {batch_heads} rows, not a multiple of n_head={n_head}"
+                )
+            batch = batch_heads // n_head
+
+            def unpack(key, value):
+                return (key.transpose(1, 2).reshape(batch, n_head, length, head_dim),
+                        value.reshape(batch, n_head, length, head_dim))
+        elif first_key.dim() == 4:
+            batch, _, length, head_dim = first_key.shape
+
+            def unpack(key, value):
+                return key, value
+        else:
+            raise ValueError(
+                "past_key_values must be a BloomCache or per-layer (key, value) tuples: key (B*H, D, L) "
+                f"and value (B*H, L, D), or both (B, H, L, D); got a key of shape {tuple(first_key.shape)}"
+            )
+        cache = cls(len(past), batch, n_head, head_dim, max(length, 1), dtype=first_key.dtype,
+                    device=first_key.device, growable=growable)
+        for i, (key, value) in enumerate(past):
+            k, v = unpack(key, value)
+            cache.keys[i][:, :, :length] = k
+            cache.values[i][:, :, :length] = v
+        cache.length = length
+        return cache

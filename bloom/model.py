@@ -1,0 +1,285 @@
+"""BLOOM: transformers' module tree and parameter names, computed with bloom_kernels' ops.
+
+Residual adds are fused into the LayerNorm that follows them: a block hands on (delta, residual) and
+the next LayerNorm computes LN(delta + residual) and the sum in one op. The h->4h bias is fused into
+the GeLU. Attention reads q/k/v as strided views of the fused QKV projection.
+
+Shapes: B batch, S new tokens, L = past + S keys, H heads, D head dim, E hidden size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import bloom_kernels as bk
+
+from .cache import BloomCache
+from .config import BloomConfig
+from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from .pretrained import BloomPreTrainedModel
+from .validation import check_forward_inputs, check_labels
+
+
+def tp_sliced_linear(x: Tensor, linear: nn.Linear, tp: int) -> Tensor:
+    """Megatron's pretraining_tp > 1 product: the sum of per-slice partial products, then the bias.
+
+    The slice bounds are transformers' (int(i * in / tp)). Unlike transformers, the bias is KEPT:
+    Megatron added it after the all-reduce; transformers drops it on this path (a bug).
+    """
+    in_features = linear.weight.shape[1]
+    slice_width = in_features / tp
+    out = None
+    for i in range(tp):
+        lo, hi = int(i * slice_width), int((i + 1) * slice_width)
+        part = F.linear(x[..., lo:hi], linear.weight[:, lo:hi])
+        out = part if out is None else out + part
+    return out + linear.bias if linear.bias is not None else out
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, config: BloomConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.hidden_size = config.hidden_size
+        self.num_heads = config.n_head
+        self.head_dim = config.hidden_size // config.n_head
+        self.exact_tp = config.pretraining_tp if config.slow_but_exact else 1
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.query_key_value = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=True)
+        self.dense = nn.Linear(self.hidden_size, self.hidden_size)
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, x: Tensor, slopes: Tensor, attention_mask: Tensor | None, cache: BloomCache | None,
+                head_mask: Tensor | None, output_attentions: bool) -> tuple[Tensor, Tensor | None]:
+        batch, seq, _ = x.shape
+        fused = self.query_key_value(x).view(batch, seq, self.num_heads, 3, self.head_dim)
+        q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, S, D) strided views
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, H, L, D) views of the cache
+
+        dropout_p = self.attention_dropout.p if self.training else 0.0
+        probs = None
+        if output_attentions or dropout_p > 0.0:
+            # Only the eager path can return (or drop) probabilities.
+            ctx, probs = bk.alibi_attention_probs(q, k, v, slopes, attention_mask, self.scale, dropout_p)
+        else:
+            ctx = bk.alibi_attention(q, k, v, slopes, attention_mask, self.scale)  # (B, H, S, D)
+        if head_mask is not None:
+            ctx = ctx * head_mask.to(ctx.dtype).view(1, -1, 1, 1)
+            if probs is not None:
+                probs = probs * head_mask.to(probs.dtype).view(1, -1, 1, 1)
+        ctx = ctx.transpose(1, 2).reshape(batch, seq, self.hidden_size)
+
+        out = tp_sliced_linear(ctx, self.dense, self.exact_tp) if self.exact_tp > 1 else self.dense(ctx)
+        return F.dropout(out, self.hidden_dropout, self.training), probs
+
+
+class BloomMLP(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        self.exact_tp = config.pretraining_tp if config.slow_but_exact else 1
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.hidden_dropout = config.hidden_dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        # The h->4h bias is added inside the fused GeLU, not by the linear.
+        h = bk.bias_gelu(F.linear(x, self.dense_h_to_4h.weight), self.dense_h_to_4h.bias)
+        if self.exact_tp > 1:
+            out = tp_sliced_linear(h, self.dense_4h_to_h, self.exact_tp)
+        else:
+            out = self.dense_4h_to_h(h)
+        return F.dropout(out, self.hidden_dropout, self.training)
+
+
+def fused_layer_norm(ln: nn.LayerNorm, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(LN(delta + residual), delta + residual); with no residual, (LN(delta), delta)."""
+    if residual is None:
+        return bk.layer_norm(delta, ln.weight, ln.bias, ln.eps), delta
+    return bk.layer_norm(delta, ln.weight, ln.bias, ln.eps, residual=residual)
+
+
+class BloomBlock(nn.Module):
+    def __init__(self, config: BloomConfig, layer_idx: int):
+        super().__init__()
+        eps = config.layer_norm_epsilon
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.self_attention = BloomAttention(config, layer_idx)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=eps)
+        self.mlp = BloomMLP(config)
+        self.residual_post_ln = config.apply_residual_connection_post_layernorm
+
+    def forward(self, delta: Tensor, residual: Tensor | None, slopes: Tensor, attention_mask: Tensor | None,
+                cache: BloomCache | None, head_mask: Tensor | None, output_attentions: bool):
+        """Block input is delta + residual. Returns (mlp_delta, residual_out, block_input, attn_probs):
+        the block's output hidden state is mlp_delta + residual_out."""
+        normed, hidden = fused_layer_norm(self.input_layernorm, delta, residual)
+        attn_delta, probs = self.self_attention(
+            normed, slopes, attention_mask, cache, head_mask, output_attentions
+        )
+        attn_residual = normed if self.residual_post_ln else hidden
+        normed2, attn_out = fused_layer_norm(self.post_attention_layernorm, attn_delta, attn_residual)
+        mlp_residual = normed2 if self.residual_post_ln else attn_out
+        return self.mlp(normed2), mlp_residual, hidden, probs
+
+
+class BloomModel(BloomPreTrainedModel):
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList([BloomBlock(config, i) for i in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self._slopes: dict[torch.device, Tensor] = {}
+        self.init_weights()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.word_embeddings
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.word_embeddings = embeddings
+
+    def alibi_slopes(self, device: torch.device) -> Tensor:
+        """fp32 (H,) slopes, made once per device (kept out of the state dict and of .to(dtype))."""
+        if device not in self._slopes:
+            self._slopes[device] = bk.alibi_slopes(self.config.n_head, device)
+        return self._slopes[device]
+
+    def new_cache(self, batch_size: int, capacity: int, *, dtype: torch.dtype, device,
+                  growable: bool = False) -> BloomCache:
+        c = self.config
+        return BloomCache(c.n_layer, batch_size, c.n_head, c.head_dim, capacity, dtype=dtype,
+                          device=device, growable=growable)
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        past_key_values=None,
+        attention_mask: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        config = self.config
+        if past_key_values is None and "cache" in kwargs:  # transformers 5 spelling
+            past_key_values = kwargs.pop("cache")
+        if kwargs:
+            raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = (config.output_hidden_states if output_hidden_states is None
+                                else output_hidden_states)
+        return_dict = config.return_dict if return_dict is None else return_dict
+        if use_cache is None:  # a cache is only worth building for inference
+            use_cache = config.use_cache and not self.training
+
+        if past_key_values is not None and not isinstance(past_key_values, BloomCache):
+            past_key_values = BloomCache.from_legacy_cache(past_key_values, config.n_head)
+        head_mask = check_forward_inputs(config, input_ids, inputs_embeds, attention_mask,
+                                         past_key_values, head_mask, self.word_embeddings.weight)
+
+        embeds = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, seq, _ = embeds.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.new_cache(batch, seq, dtype=embeds.dtype, device=embeds.device, growable=True)
+        if cache is not None:
+            cache.reserve(seq)
+        slopes = self.alibi_slopes(embeds.device)
+
+        delta = bk.layer_norm(embeds, self.word_embeddings_layernorm.weight,
+                              self.word_embeddings_layernorm.bias, self.word_embeddings_layernorm.eps)
+        residual = None
+        all_hidden = () if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for i, block in enumerate(self.h):
+            delta, residual, block_input, probs = block(
+                delta, residual, slopes, attention_mask, cache,
+                None if head_mask is None else head_mask[i], output_attentions,
+            )
+            if output_hidden_states:
+                all_hidden += (block_input,)
+            if output_attentions:
+                all_attentions += (probs,)
+        hidden, _ = fused_layer_norm(self.ln_f, delta, residual)
+        if output_hidden_states:
+            all_hidden += (hidden,)
+        if cache is not None:
+            cache.advance(seq)
+
+        if not return_dict:
+            return tuple(v for v in (hidden, cache, all_hidden, all_attentions) if v is not None)
+        return BaseModelOutputWithPast(hidden, cache, all_hidden, all_attentions)
+
+
+class BloomForCausalLM(BloomPreTrainedModel):
+    _tied_weights = {"lm_head.weight": "transformer.word_embeddings.weight"}
+
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.transformer = BloomModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        if getattr(self.config, "tie_word_embeddings", True):
+            self.lm_head.weight = self.transformer.word_embeddings.weight
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.word_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        past_key_values=None,
+        attention_mask: Tensor | None = None,
+        head_mask: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
+        labels: Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ):
+        """`logits_to_keep=n` computes logits for the last n positions only (0: all)."""
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.transformer(
+            input_ids, past_key_values, attention_mask, head_mask, inputs_embeds, use_cache,
+            output_attentions, output_hidden_states, return_dict=True, **kwargs,
+        )
+        hidden = out.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+
+        loss = None
+        if labels is not None:
+            check_labels(labels, logits.shape[:2], self.config.vocab_size)
+            loss = causal_lm_loss(logits, labels)
+        if not return_dict:
+            rest = tuple(v for v in (logits, out.past_key_values, out.hidden_states, out.attentions)
+                         if v is not None)
+            return ((loss,) + rest) if loss is not None else rest
+        return CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+
+
+def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean next-token cross-entropy in fp32: position t predicts labels[t + 1]; -100 is ignored."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
+    )

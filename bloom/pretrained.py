@@ -1,0 +1,43 @@
+"""Base class of every BLOOM model: config, weight init, device/dtype, loading and saving."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import BloomConfig
+
+
+class BloomPreTrainedModel(nn.Module):
+    config_class = BloomConfig
+    base_model_prefix = "transformer"
+
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        if not isinstance(config, BloomConfig):
+            raise TypeError(f"config must be a BloomConfig, got {type(config).__name__}")
+        self.config = config
+
+    def init_weights(self) -> None:
+        """transformers' init: Linear/Embedding ~ N(0, initializer_range), zero biases, LN = identity."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module.weight.device.type != "meta":
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None and module.bias.device.type != "meta":
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm) and module.weight.device.type != "meta":
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
