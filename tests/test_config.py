@@ -6,6 +6,7 @@ import pytest
 
 from bloom import BloomConfig
 from bloom.config import BLOOM_DEFAULTS
+from bloom.hub import ModelNotFoundError
 
 transformers = pytest.importorskip("transformers")
 
@@ -124,5 +125,9 @@ def test_bad_files_are_reported(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="gpt2"):
         BloomConfig.from_pretrained(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
     with pytest.raises(FileNotFoundError, match="config.json"):
-        BloomConfig.from_pretrained(tmp_path / "missing_dir_is_not_a_hub_id/x/y")
+        BloomConfig.from_pretrained(empty)
+    with pytest.raises(ModelNotFoundError, match="not a directory"):
+        BloomConfig.from_pretrained(tmp_path / "missing_dir")
