@@ -81,14 +81,16 @@ def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Calla
     call, passed to the kernel's `unsupported` check.
     """
     mode = requested_backend()
-    kernel = None if mode == "reference" else _kernel_module(op)
+    on_cuda = all(t.is_cuda for t in tensors)
+    # auto on CPU tensors never even imports triton: the reference is the CPU path.
+    skip_kernel = mode == "reference" or (mode == "auto" and not on_cuda)
+    kernel = None if skip_kernel else _kernel_module(op)
     if kernel is None:
         if mode == "triton" and op in TRITON_OPS and importlib.util.find_spec("triton") is None:
             raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed (needed by {op})")
         dispatch_counts[(op, "reference")] += 1
         return getattr(reference, op)
 
-    on_cuda = all(t.is_cuda for t in tensors)
     reason = getattr(kernel, f"{op}_unsupported")(*args, **kwargs)
     if mode == "triton":
         if not on_cuda and not triton_interpreting():
@@ -99,7 +101,7 @@ def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Calla
             )
         if reason is not None:
             raise ValueError(f"{op}: the Triton kernel does not support this input: {reason}")
-    elif not on_cuda or reason is not None:
+    elif reason is not None:
         dispatch_counts[(op, "reference")] += 1
         return getattr(reference, op)
     dispatch_counts[(op, "triton")] += 1

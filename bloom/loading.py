@@ -1,0 +1,305 @@
+"""Checkpoints: find, validate and load BLOOM weights; save them in transformers' format.
+
+Loading builds the model on the `meta` device (no random init), then reads the checkpoint one tensor
+at a time, converting each straight to the requested dtype/device — peak CPU memory is about one
+shard. safetensors is read first; `pytorch_model.bin` only through `torch.load(weights_only=True)`.
+Every problem is reported before a model is returned: nothing half-loaded escapes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .config import BloomConfig
+from .hub import resolve_file
+
+SAFE_WEIGHTS = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+TORCH_WEIGHTS = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
+BASE_PREFIX = "transformer."
+# Heads of the task models: absent from base checkpoints, ignored when loading a base model.
+HEAD_PREFIXES = ("lm_head.", "score.", "classifier.", "qa_outputs.")
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+class CheckpointError(ValueError):
+    """The checkpoint is corrupt, incomplete, or does not match the model's config."""
+
+
+def parse_dtype(value: Any, name: str = "torch_dtype") -> torch.dtype | str | None:
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"{name} must be None, 'auto', a torch.dtype or one of {sorted(DTYPES)}; got {value!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Finding the files
+# --------------------------------------------------------------------------------------------------
+def find_weight_files(name_or_path, **hub) -> tuple[list[Path], str]:
+    """The checkpoint's weight files and their format ('safetensors' or 'torch')."""
+    for index_name, single_name, fmt in ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"),
+                                         (TORCH_INDEX, TORCH_WEIGHTS, "torch")):
+        single = resolve_file(name_or_path, single_name, required=False, **hub)
+        if single is not None:
+            return [single], fmt
+        index = resolve_file(name_or_path, index_name, required=False, **hub)
+        if index is not None:
+            return [resolve_file(name_or_path, shard, **hub) for shard in read_index(index)], fmt
+    raise FileNotFoundError(
+        f"no weights found in {name_or_path}: looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, "
+        f"{TORCH_WEIGHTS} and {TORCH_INDEX}"
+    )
+
+
+def read_index(path: Path) -> list[str]:
+    """Shard file names of a sharded checkpoint's index, in order."""
+    try:
+        weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path.name} is not a valid checkpoint index ({err})") from None
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        if Path(shard).name != shard:  # an index must not point outside its directory
+            raise CheckpointError(f"{path.name} names an invalid shard file {shard!r}")
+    return shards
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading tensors
+# --------------------------------------------------------------------------------------------------
+def iter_checkpoint(files: list[Path], fmt: str) -> Iterator[tuple[Path, str, Tensor]]:
+    """(file, name, tensor) for every tensor, one file open at a time."""
+    for path in files:
+        if fmt == "safetensors":
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(path), framework="pt", device="cpu") as reader:
+                    for name in reader.keys():
+                        yield path, name, reader.get_tensor(name)
+            except SafetensorError as err:
+                raise CheckpointError(f"{path.name} is truncated or corrupt: {err}") from None
+        else:
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as err:  # any unpickling failure: corrupt, truncated, or unsafe content
+                raise CheckpointError(f"{path.name} cannot be read safely: {err}") from None
+            for name, tensor in state.items():
+                yield path, name, tensor
+            del state
+
+
+def checkpoint_dtype(files: list[Path], fmt: str, config: BloomConfig) -> torch.dtype:
+    """The dtype the checkpoint was saved in: config's dtype/torch_dtype, else its first float tensor."""
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if declared:
+        return parse_dtype(declared)
+    for _, _, tensor in iter_checkpoint(files[:1], fmt):
+        if tensor.is_floating_point():
+            return tensor.dtype
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------------
+def map_name(name: str, model_keys: set[str]) -> str | None:
+    """The model's name for a checkpoint tensor (None: a task head this model does not have)."""
+    if name in model_keys:
+        return name
+    if BASE_PREFIX + name in model_keys:  # base-model checkpoint (bigscience) into a task model
+        return BASE_PREFIX + name
+    if name.startswith(BASE_PREFIX) and name[len(BASE_PREFIX):] in model_keys:  # task ckpt -> base
+        return name[len(BASE_PREFIX):]
+    if name.startswith(HEAD_PREFIXES):
+        return None
+    return name  # unknown: reported as unexpected
+
+
+def tied_keys(model: nn.Module) -> set[str]:
+    """Names whose parameter is shared with another name (lm_head -> word_embeddings)."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.setdefault(id(tensor), name)
+    return tied
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, torch_dtype=None,
+                    dtype=None, device=None, revision=None, cache_dir=None, local_files_only=False,
+                    token=None, convert=None, **config_overrides):
+    """Build `cls` on the meta device and fill it from a checkpoint (see module docstring).
+
+    `convert(model, name, tensor) -> dict[name, tensor]` may rewrite each tensor as it is placed (the
+    int8 loader quantises with it).
+    """
+    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+    if config is None:
+        config = BloomConfig.from_pretrained(name_or_path, **hub, **config_overrides)
+    elif config_overrides:
+        config = BloomConfig.from_dict(config.to_dict(), **config_overrides)
+    files, fmt = find_weight_files(name_or_path, **hub)
+    target = parse_dtype(dtype if dtype is not None else torch_dtype)
+    if target == "auto":
+        target = checkpoint_dtype(files, fmt, config)
+    target = target or torch.float32
+    device = torch.device(device) if device is not None else torch.device("cpu")
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {k: v for k, v in model.state_dict().items()}
+    tied = tied_keys(model) if getattr(config, "tie_word_embeddings", True) else set()
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+
+    progress = _ShardProgress(files, name_or_path)
+    for path, name, tensor in iter_checkpoint(files, fmt):
+        progress.update_file(path)
+        key = map_name(name, set(expected))
+        if key is None:
+            continue
+        if key not in expected:
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{path.name}: tensor {name} has shape {tuple(tensor.shape)} but the config "
+                f"({config.hidden_size=}, {config.n_head=}, {config.vocab_size=}) expects "
+                f"{tuple(expected[key].shape)} — does the config match the weights?"
+            )
+        cast = dict(device=device, dtype=target) if tensor.is_floating_point() else dict(device=device)
+        placed = {key: tensor.to(**cast)}
+        if convert is not None:
+            placed = convert(model, key, placed[key])
+        model.load_state_dict(placed, strict=False, assign=True)
+        loaded.add(key)
+    progress.close()
+
+    missing = sorted(set(expected) - loaded - tied)
+    head_only = [k for k in missing if k.startswith(HEAD_PREFIXES) and k != "lm_head.weight"]
+    real_missing = [k for k in missing if k not in head_only]
+    if unexpected or real_missing:
+        raise CheckpointError(
+            f"checkpoint {name_or_path} does not match {cls.__name__} with this config:"
+            + (f"\n  missing keys: {', '.join(real_missing)}" if real_missing else "")
+            + (f"\n  unexpected keys: {', '.join(sorted(unexpected))}" if unexpected else "")
+        )
+    if head_only:  # a task head fine-tuned from a base checkpoint starts from random weights
+        warnings.warn(f"newly initialised (not in the checkpoint): {', '.join(head_only)}", stacklevel=3)
+        _materialise_head(model, head_only, device, target)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    model.config.dtype = str(target).removeprefix("torch.")
+    return model.eval()
+
+
+def _materialise_head(model: nn.Module, names: list[str], device, dtype) -> None:
+    std = model.config.initializer_range
+    for name in names:
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        old = getattr(module, attr)
+        new = torch.empty(old.shape, device=device, dtype=dtype)
+        new.normal_(0.0, std) if attr == "weight" else new.zero_()
+        setattr(module, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+
+
+class _ShardProgress:
+    """A tqdm bar over shards, only for multi-shard checkpoints."""
+
+    def __init__(self, files: list[Path], name) -> None:
+        self.bar = None
+        self.current = None
+        if len(files) > 1:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(files), desc=f"Loading {Path(str(name)).name}", unit="shard")
+
+    def update_file(self, path: Path) -> None:
+        if path != self.current:
+            if self.bar is not None and self.current is not None:
+                self.bar.update(1)
+            self.current = path
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------------
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(value: int | str) -> int:
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"max_shard_size must be bytes or a size like '5GB' or '200MB'; got {value!r}")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+
+
+def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str = "5GB") -> None:
+    """config.json + model.safetensors (or shards + model.safetensors.index.json past the limit)."""
+    from safetensors.torch import save_file
+
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    limit = parse_size(max_shard_size)
+    tied = tied_keys(model) if getattr(model.config, "tie_word_embeddings", True) else set()
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+
+    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob(SAFE_INDEX)):
+        stale.unlink()  # a previous save with another sharding must not linger
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / file), metadata=metadata)
+            weight_map.update({name: file for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+    config = BloomConfig.from_dict(model.config.to_dict())
+    config.architectures = [type(model).__name__]
+    float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    config.dtype = str(float_dtypes[0]).removeprefix("torch.") if float_dtypes else None
+    config.save_pretrained(directory)
