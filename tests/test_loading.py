@@ -1,0 +1,216 @@
+"""from_pretrained / save_pretrained: round trips with transformers, and every error case (CPU, offline)."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bloom import BloomConfig, BloomForCausalLM, BloomModel
+from bloom.hub import ModelNotFoundError
+from bloom.loading import CheckpointError, parse_size
+
+transformers = pytest.importorskip("transformers")
+
+CFG = dict(vocab_size=101, hidden_size=32, n_layer=2, n_head=4)
+
+
+def random_hf(cls_name="BloomForCausalLM", seed=0, **extra):
+    torch.manual_seed(seed)
+    model = getattr(transformers, cls_name)(transformers.BloomConfig(**CFG, **extra)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))  # LN weights/biases and biases off their init values
+    return model
+
+
+IDS = torch.tensor([[5, 17, 42, 7, 99, 3], [8, 8, 1, 64, 30, 2]])
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        out = model(ids)
+    return (out.logits if hasattr(out, "logits") else out.last_hidden_state).float()
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_we_load_what_transformers_saves(tmp_path, shard, dtype):
+    theirs = random_hf().to(dtype)
+    kwargs = {"max_shard_size": shard} if shard else {}
+    theirs.save_pretrained(tmp_path, **kwargs)
+    assert (tmp_path / ("model.safetensors.index.json" if shard else "model.safetensors")).exists()
+    ours = BloomForCausalLM.from_pretrained(tmp_path, torch_dtype="auto")
+    assert ours.dtype == dtype
+    assert ours.lm_head.weight is ours.transformer.word_embeddings.weight
+    assert not any(p.is_meta for p in ours.parameters())
+    # fp32: bit-identical; bf16: the same rounded weights, math in fp32 vs bf16 inside -> bf16 tolerance
+    atol = 0 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=atol, rtol=0 if atol == 0 else 0.02)
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transformers_loads_what_we_save(tmp_path, shard, dtype):
+    source = random_hf()
+    ours = BloomForCausalLM(BloomConfig(**CFG)).eval()
+    ours.load_state_dict(source.state_dict())
+    ours = ours.to(dtype)
+    ours.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["architectures"] == ["BloomForCausalLM"] and config["dtype"] == str(dtype)[6:]
+    theirs = transformers.BloomForCausalLM.from_pretrained(tmp_path, dtype=dtype).eval()
+    atol = 0 if dtype == torch.float32 else 0.1
+    torch.testing.assert_close(logits(theirs), logits(ours), atol=atol, rtol=0 if atol == 0 else 0.02)
+    # and our own round trip is exact in any dtype
+    again = BloomForCausalLM.from_pretrained(tmp_path, torch_dtype="auto")
+    assert torch.equal(logits(again), logits(ours))
+
+
+def test_base_model_checkpoints_load_into_both_classes(tmp_path):
+    """The official bigscience checkpoints are saved from the base model (no 'transformer.' prefix)."""
+    theirs = random_hf("BloomModel")
+    theirs.save_pretrained(tmp_path)
+    causal = BloomForCausalLM.from_pretrained(tmp_path)
+    base = BloomModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(base), logits(theirs), atol=0, rtol=0)
+    hidden = causal.transformer(IDS).last_hidden_state
+    torch.testing.assert_close(causal(IDS).logits, hidden @ causal.transformer.word_embeddings.weight.T)
+    # and a causal-LM checkpoint loads into the base model (the head is dropped)
+    causal.save_pretrained(tmp_path / "causal")
+    torch.testing.assert_close(logits(BloomModel.from_pretrained(tmp_path / "causal")), logits(base))
+
+
+def test_loading_does_not_initialise_weights_randomly(tmp_path, monkeypatch):
+    random_hf().save_pretrained(tmp_path)
+
+    # Every random init ends in Tensor.normal_ / uniform_; on meta tensors they compute nothing.
+    for method in ("normal_", "uniform_"):
+        real = getattr(torch.Tensor, method)
+
+        def guarded(tensor, *args, _real=real, **kwargs):
+            if not tensor.is_meta:
+                raise AssertionError("random init of a real tensor during from_pretrained")
+            return _real(tensor, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, method, guarded)
+    model = BloomForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float16, device="cpu")
+    assert model.dtype == torch.float16 and model.device.type == "cpu"
+
+
+def test_config_overrides_and_dtype_names(tmp_path):
+    random_hf().save_pretrained(tmp_path)
+    model = BloomForCausalLM.from_pretrained(tmp_path, torch_dtype="bf16", hidden_dropout=0.25)
+    assert model.dtype == torch.bfloat16 and model.config.hidden_dropout == 0.25
+    with pytest.raises(ValueError, match="torch_dtype"):
+        BloomForCausalLM.from_pretrained(tmp_path, torch_dtype="float8")
+
+
+def test_pytorch_bin_is_loaded_with_weights_only(tmp_path):
+    theirs = random_hf()
+    torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
+    theirs.config.save_pretrained(tmp_path)
+    ours = BloomForCausalLM.from_pretrained(tmp_path)
+    torch.testing.assert_close(logits(ours), logits(theirs), atol=0, rtol=0)
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_a_malicious_pickle_is_refused(tmp_path):
+    BloomConfig(**CFG).save_pretrained(tmp_path)
+    with open(tmp_path / "pytorch_model.bin", "wb") as f:
+        pickle.dump({"word_embeddings.weight": _Exploit()}, f)
+    with pytest.raises(CheckpointError, match="pytorch_model.bin cannot be read safely"):
+        BloomForCausalLM.from_pretrained(tmp_path)
+
+
+# --- errors --------------------------------------------------------------------------------------
+def saved_state(tmp_path):
+    theirs = random_hf()
+    theirs.save_pretrained(tmp_path)
+    return {k: v.contiguous() for k, v in theirs.state_dict().items() if k != "lm_head.weight"}
+
+
+def test_missing_keys_are_listed(tmp_path):
+    state = saved_state(tmp_path)
+    del state["transformer.h.1.mlp.dense_4h_to_h.bias"]
+    del state["transformer.ln_f.weight"]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing keys") as info:
+        BloomForCausalLM.from_pretrained(tmp_path)
+    assert "transformer.h.1.mlp.dense_4h_to_h.bias" in str(info.value)
+    assert "transformer.ln_f.weight" in str(info.value)
+
+
+def test_unexpected_keys_are_listed(tmp_path):
+    state = saved_state(tmp_path)
+    state["transformer.h.7.mlp.dense_4h_to_h.bias"] = torch.zeros(3)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected keys: transformer.h.7.mlp.dense_4h_to_h.bias"):
+        BloomForCausalLM.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_tensor_expected_and_found(tmp_path):
+    state = saved_state(tmp_path)
+    state["transformer.h.0.self_attention.dense.weight"] = torch.zeros(32, 31)
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as info:
+        BloomForCausalLM.from_pretrained(tmp_path)
+    message = str(info.value)
+    assert "transformer.h.0.self_attention.dense.weight" in message
+    assert "(32, 31)" in message and "(32, 32)" in message
+
+
+def test_config_that_does_not_match_the_weights(tmp_path):
+    random_hf().save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match="does the config match the weights"):
+        BloomForCausalLM.from_pretrained(tmp_path, hidden_size=64)
+    with pytest.raises(CheckpointError, match="unexpected keys"):
+        BloomForCausalLM.from_pretrained(tmp_path, n_layer=1)
+
+
+def test_truncated_and_corrupt_files_are_named(tmp_path):
+    random_hf().save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt"):
+        BloomForCausalLM.from_pretrained(tmp_path)
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated or corrupt"):
+        BloomForCausalLM.from_pretrained(tmp_path)
+
+
+def test_missing_shard_is_named(tmp_path):
+    random_hf().save_pretrained(tmp_path, max_shard_size="20KB")
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(FileNotFoundError, match=shards[-1].name):
+        BloomForCausalLM.from_pretrained(tmp_path)
+
+
+def test_no_weights_in_directory(tmp_path):
+    BloomConfig(**CFG).save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no weights found"):
+        BloomForCausalLM.from_pretrained(tmp_path)
+
+
+def test_unknown_hub_id_while_offline(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not in the local cache"):
+        BloomForCausalLM.from_pretrained("no-such-org/no-such-bloom", local_files_only=True,
+                                         cache_dir=tmp_path)
+
+
+def test_save_replaces_a_previous_sharding(tmp_path):
+    model = BloomForCausalLM(BloomConfig(**CFG))
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert parse_size("5GB") == 5 * 10**9 and parse_size("200MiB") == 200 * 2**20
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_size("lots")
