@@ -2,14 +2,21 @@
 
 from .cache import BloomCache, CacheOverflowError
 from .config import BloomConfig
+from .loading import CheckpointError
 from .model import BloomForCausalLM, BloomModel
 from .pretrained import BloomPreTrainedModel
+from .streaming import TextStreamer
+from .tokenizer import BatchEncoding, BloomTokenizerFast
 
 __all__ = [
+    "BatchEncoding",
     "BloomCache",
     "BloomConfig",
     "BloomForCausalLM",
     "BloomModel",
     "BloomPreTrainedModel",
+    "BloomTokenizerFast",
     "CacheOverflowError",
+    "CheckpointError",
+    "TextStreamer",
 ]

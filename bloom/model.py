@@ -187,16 +187,30 @@ class BloomModel(BloomPreTrainedModel):
                                          past_key_values, head_mask, self.word_embeddings.weight)
 
         embeds = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
-        batch, seq, _ = embeds.shape
         cache = past_key_values
         if cache is None and use_cache:
-            cache = self.new_cache(batch, seq, dtype=embeds.dtype, device=embeds.device, growable=True)
+            cache = self.new_cache(embeds.shape[0], embeds.shape[1], dtype=embeds.dtype,
+                                   device=embeds.device, growable=True)
+        hidden, all_hidden, all_attentions = self.run(
+            embeds, cache, attention_mask, head_mask, output_attentions, output_hidden_states
+        )
+        if not return_dict:
+            return tuple(v for v in (hidden, cache, all_hidden, all_attentions) if v is not None)
+        return BaseModelOutputWithPast(hidden, cache, all_hidden, all_attentions)
+
+    def run(self, embeds: Tensor, cache: BloomCache | None, attention_mask: Tensor | None,
+            head_mask: Tensor | None = None, output_attentions: bool = False,
+            output_hidden_states: bool = False):
+        """The blocks on validated inputs: embeds (B, S, E) -> (hidden (B, S, E), hiddens, attentions).
+
+        With a cache, writes this call's keys/values into it and advances it by S.
+        """
+        seq = embeds.shape[1]
         if cache is not None:
             cache.reserve(seq)
         slopes = self.alibi_slopes(embeds.device)
-
-        delta = bk.layer_norm(embeds, self.word_embeddings_layernorm.weight,
-                              self.word_embeddings_layernorm.bias, self.word_embeddings_layernorm.eps)
+        ln = self.word_embeddings_layernorm
+        delta = bk.layer_norm(embeds, ln.weight, ln.bias, ln.eps)
         residual = None
         all_hidden = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
@@ -214,10 +228,7 @@ class BloomModel(BloomPreTrainedModel):
             all_hidden += (hidden,)
         if cache is not None:
             cache.advance(seq)
-
-        if not return_dict:
-            return tuple(v for v in (hidden, cache, all_hidden, all_attentions) if v is not None)
-        return BaseModelOutputWithPast(hidden, cache, all_hidden, all_attentions)
+        return hidden, all_hidden, all_attentions
 
 
 class BloomForCausalLM(BloomPreTrainedModel):
@@ -238,6 +249,17 @@ class BloomForCausalLM(BloomPreTrainedModel):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def next_token_logits(self, input_ids: Tensor, cache: BloomCache, attention_mask: Tensor | None) -> Tensor:
+        """fp32 logits (B, V) of the last position only. No input checks: generation's own tokens."""
+        hidden, _, _ = self.transformer.run(self.transformer.word_embeddings(input_ids), cache, attention_mask)
+        return self.lm_head(hidden[:, -1]).float()
+
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
+        """Prompt + new tokens; see bloom.generation.generate for the options (max_new_tokens, ...)."""
+        from .generation import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     def forward(
         self,

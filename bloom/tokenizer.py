@@ -164,6 +164,19 @@ def _to_py(ids: Any):
     return ids
 
 
+def _special_token(name: str) -> property:
+    """The `name` attribute (e.g. pad_token): its text, or None; setting it registers the token."""
+    return property(
+        lambda self: self._special[name],
+        lambda self, value: self._set_special(name, value),
+        doc=f"The {name.split('_')[0]} special token (str or None). Settable, e.g. pad_token = eos_token.",
+    )
+
+
+def _special_token_id(name: str) -> property:
+    return property(lambda self: self._special_id(name), doc=f"The id of {name} (None when it is not set).")
+
+
 class BloomTokenizerFast:
     """BLOOM's fast tokenizer (byte-level BPE on `tokenizers`), API of transformers' BloomTokenizerFast.
 
@@ -284,8 +297,7 @@ class BloomTokenizerFast:
             tokenizer_path = resolve_file(name_or_path, TOKENIZER_FILE, **where)
         except FileNotFoundError as err:
             raise FileNotFoundError(
-                f"{err}: BloomTokenizerFast needs the `tokenizers` serialization {TOKENIZER_FILE} "
-                f"(looked for it in {str(name_or_path)!r})"
+                f"{err} (BloomTokenizerFast reads the `tokenizers` serialization {TOKENIZER_FILE})"
             ) from None
 
         init: dict[str, Any] = {}
@@ -301,9 +313,9 @@ class BloomTokenizerFast:
         # Keys of tokenizer_config.json that only mean something to transformers' loader.
         for key in ("tokenizer_class", "tokenizer_file", "name_or_path", "special_tokens_map_file", "auto_map"):
             init.pop(key, None)
-        for key in SPECIAL_TOKENS_ATTRIBUTES:
-            if key in init:
-                init[key] = _token_str(init[key], key)
+        if not init.get("add_prefix_space"):
+            # Only True re-configures the pre-tokenizer (as in transformers); otherwise tokenizer.json governs.
+            init.pop("add_prefix_space", None)
         if init.get("model_max_length") is not None and not isinstance(init["model_max_length"], int):
             init["model_max_length"] = int(init["model_max_length"])  # some configs store it as a float
         init.update(kwargs)
@@ -311,7 +323,7 @@ class BloomTokenizerFast:
         init.setdefault("name_or_path", str(name_or_path))
         return cls(**init)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **_unused: Any) -> tuple[str, ...]:
+    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `save_directory`.
 
         The result loads with this class's from_pretrained and with transformers' AutoTokenizer.
@@ -388,14 +400,14 @@ class BloomTokenizerFast:
         token = self._special.get(name)
         return None if token is None else self._tokenizer.token_to_id(token)
 
-    unk_token = property(lambda self: self._special["unk_token"], lambda self, v: self._set_special("unk_token", v))
-    bos_token = property(lambda self: self._special["bos_token"], lambda self, v: self._set_special("bos_token", v))
-    eos_token = property(lambda self: self._special["eos_token"], lambda self, v: self._set_special("eos_token", v))
-    pad_token = property(lambda self: self._special["pad_token"], lambda self, v: self._set_special("pad_token", v))
-    unk_token_id = property(lambda self: self._special_id("unk_token"))
-    bos_token_id = property(lambda self: self._special_id("bos_token"))
-    eos_token_id = property(lambda self: self._special_id("eos_token"))
-    pad_token_id = property(lambda self: self._special_id("pad_token"))
+    unk_token = _special_token("unk_token")
+    bos_token = _special_token("bos_token")
+    eos_token = _special_token("eos_token")
+    pad_token = _special_token("pad_token")
+    unk_token_id = _special_token_id("unk_token")
+    bos_token_id = _special_token_id("bos_token")
+    eos_token_id = _special_token_id("eos_token")
+    pad_token_id = _special_token_id("pad_token")
 
     @property
     def special_tokens_map(self) -> dict[str, str]:
@@ -505,13 +517,14 @@ class BloomTokenizerFast:
         if return_tensors not in _TENSOR_TYPES:
             raise ValueError(f"return_tensors must be one of None, 'pt', 'np', got {return_tensors!r}")
         pad_strategy, truncate, max_length = self._strategies(padding, truncation, max_length, pad_to_multiple_of)
-        side = self.padding_side if padding_side is None else _check_side(padding_side, "padding_side")
+        side = _check_side(self.padding_side if padding_side is None else padding_side, "padding_side")
+        truncation_side = _check_side(self.truncation_side, "truncation_side")
 
         with self._lock:
             try:
                 if truncate:
                     self._tokenizer.enable_truncation(
-                        max_length, stride=0, strategy="longest_first", direction=self.truncation_side
+                        max_length, stride=0, strategy="longest_first", direction=truncation_side
                     )
                 if pad_strategy is not None:
                     self._tokenizer.enable_padding(
@@ -558,17 +571,17 @@ class BloomTokenizerFast:
                 "truncation must be one of True, 'longest_first', 'only_first', False, None, 'do_not_truncate', "
                 f"got {truncation!r}"
             )
-        if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
-            raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
-        if pad_to_multiple_of is not None and (
-            not isinstance(pad_to_multiple_of, int) or isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1
-        ):
-            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {pad_to_multiple_of!r}")
+        for name, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
 
         # transformers: max_length alone (no padding, truncation unset) means "truncate to max_length".
         if max_length is not None and padding is False and truncation is None:
             truncation = True
-        pad_strategy = None if padding in (False, "do_not_pad") else ("max_length" if padding == "max_length" else "longest")
+        if padding in (False, "do_not_pad"):
+            pad_strategy = None
+        else:
+            pad_strategy = "max_length" if padding == "max_length" else "longest"
         truncate = truncation not in (False, None, "do_not_truncate")
 
         if max_length is None:

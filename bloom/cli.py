@@ -1,0 +1,111 @@
+"""The `bloom` command line.
+
+    bloom generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
+                   [--repetition-penalty R] [--seed S] [--device D] [--dtype bf16|fp16|fp32] [--int8]
+
+Errors print one line on stderr and exit with status 1 (2 for bad command-line arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bloom", description="Run BLOOM models on bloom-kernels (Triton on GPUs, PyTorch on CPUs)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    gen = commands.add_parser(
+        "generate",
+        help="generate text from a prompt, streamed to stdout",
+        description="Generate text from a prompt and stream it to stdout. Greedy decoding unless "
+                    "--temperature, --top-k or --top-p is given, which switch to sampling.",
+    )
+    gen.add_argument("model", metavar="MODEL",
+                     help="a local directory (config.json, weights, tokenizer.json) or a hub id such as "
+                          "bigscience/bloom-560m")
+    gen.add_argument("prompt", metavar="PROMPT", help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=50, metavar="N",
+                     help="number of tokens to generate at most (default: 50)")
+    gen.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
+                     help="do not stop at end-of-sequence before N new tokens (default: 0)")
+    gen.add_argument("--temperature", type=float, default=None, metavar="T",
+                     help="sampling temperature > 0 (enables sampling)")
+    gen.add_argument("--top-k", type=int, default=None, metavar="K",
+                     help="sample among the K most likely tokens (enables sampling)")
+    gen.add_argument("--top-p", type=float, default=None, metavar="P",
+                     help="nucleus sampling: smallest token set with probability >= P (enables sampling)")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                     help="penalise tokens already present (1.0 = off, default)")
+    gen.add_argument("--seed", type=int, default=None, metavar="S",
+                     help="random seed for sampling (reproducible output)")
+    gen.add_argument("--device", default=None, metavar="D",
+                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                     help="weights/activations dtype (default: bf16 on a GPU, fp32 on the CPU)")
+    gen.add_argument("--int8", action="store_true",
+                     help="quantise the weights to int8 while loading (weight-only, per output channel)")
+    gen.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    gen.add_argument("--local-files-only", action="store_true",
+                     help="never download: use the local directory or the hub cache only")
+    return parser
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    import torch
+
+    from .model import BloomForCausalLM
+    from .streaming import TextStreamer
+    from .tokenizer import BloomTokenizerFast
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = DTYPE_NAMES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
+    hub = dict(revision=args.revision, local_files_only=args.local_files_only)
+
+    tokenizer = BloomTokenizerFast.from_pretrained(args.model, **hub)
+    load = dict(torch_dtype=dtype, device=device, **hub)
+    if args.int8:
+        load["quantization"] = "int8"
+    model = BloomForCausalLM.from_pretrained(args.model, **load)
+
+    encoded = tokenizer(args.prompt, return_tensors="pt")
+    if encoded["input_ids"].shape[1] == 0:
+        raise ValueError("the prompt is empty after tokenisation")
+    sample = any(v is not None for v in (args.temperature, args.top_k, args.top_p))
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    model.generate(
+        encoded["input_ids"], encoded["attention_mask"], max_new_tokens=args.max_new_tokens,
+        min_new_tokens=args.min_new_tokens, do_sample=sample,
+        temperature=1.0 if args.temperature is None else args.temperature,
+        top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+        generator=generator, streamer=TextStreamer(tokenizer),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            run_generate(args)
+    except KeyboardInterrupt:
+        print("\nbloom: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line, not a traceback
+        message = " ".join(line.strip() for line in str(err).strip().splitlines()) or type(err).__name__
+        print(f"bloom: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
