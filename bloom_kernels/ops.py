@@ -35,7 +35,7 @@ def _check_attention(q, k, v, slopes, attention_mask, scale) -> None:
         # int/bool/float 0-1 masks are all accepted, as in transformers
         check_tensor("attention_mask", attention_mask, dtypes=None)
         check_shape("attention_mask", attention_mask, (batch, key_len), "(B, Sk): 1 = token, 0 = padding")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     check_same_device(q=q, k=k, v=v, slopes=slopes, attention_mask=attention_mask)
 
@@ -61,6 +61,8 @@ def alibi_attention_probs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor,
     Always the eager reference: a fused kernel never materialises the probabilities.
     """
     _check_attention(q, k, v, slopes, attention_mask, scale)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p!r}")
     return reference.alibi_attention_probs(q, k, v, slopes, attention_mask, scale, dropout_p)
 
 
@@ -82,10 +84,13 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5,
     hidden = x.shape[-1]
     check_shape("weight", weight, (hidden,), "the last dim of x")
     check_shape("bias", bias, (hidden,), "the last dim of x")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
     if residual is not None:
         check_tensor("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual must have the shape of x {tuple(x.shape)}; got {tuple(residual.shape)}")
+        check_same_dtype(x=x, residual=residual)
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
     tensors = (x, weight, bias) if residual is None else (x, weight, bias, residual)
     return select("layer_norm", tensors, x, weight, bias, eps, residual)(x, weight, bias, eps, residual)

@@ -65,7 +65,7 @@ def alibi_positions(attention_mask: Tensor | None, batch: int, key_len: int, dev
     """
     if attention_mask is None:
         return torch.arange(key_len, device=device, dtype=torch.float32).expand(batch, key_len)
-    mask = attention_mask.to(torch.int64)
+    mask = (attention_mask != 0).to(torch.int64)  # any non-zero value is a token, as for `allowed`
     return ((mask.cumsum(-1) - 1) * mask).to(torch.float32)
 
 
@@ -82,14 +82,15 @@ def _attention_scores(q, k, slopes, attention_mask, scale) -> Tensor:
     allowed = torch.arange(key_len, device=q.device)[None, :] <= q_abs[:, None]  # (Sq, Sk)
     allowed = allowed[None, None]
     if attention_mask is not None:
-        allowed = allowed & attention_mask.bool()[:, None, None, :]
+        allowed = allowed & (attention_mask != 0)[:, None, None, :]
     return scores.masked_fill(~allowed, float("-inf"))
 
 
 def _masked_softmax(scores: Tensor) -> Tensor:
     """Softmax over keys; a row with no visible key (a padded query) gets all-zero weights."""
     probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+    # Only rows where every key is hidden are zeroed: a NaN/inf coming from the inputs stays visible.
+    return probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
 
 
 def alibi_attention(
