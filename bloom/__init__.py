@@ -5,6 +5,7 @@ from .config import BloomConfig
 from .loading import CheckpointError
 from .model import BloomForCausalLM, BloomModel
 from .pretrained import BloomPreTrainedModel
+from .quantization import Int8Linear, quantize_int8
 from .streaming import TextStreamer
 from .tokenizer import BatchEncoding, BloomTokenizerFast
 
@@ -18,5 +19,7 @@ __all__ = [
     "BloomTokenizerFast",
     "CacheOverflowError",
     "CheckpointError",
+    "Int8Linear",
     "TextStreamer",
+    "quantize_int8",
 ]

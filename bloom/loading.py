@@ -147,12 +147,16 @@ def tied_keys(model: nn.Module) -> set[str]:
 # --------------------------------------------------------------------------------------------------
 def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, torch_dtype=None,
                     dtype=None, device=None, revision=None, cache_dir=None, local_files_only=False,
-                    token=None, convert=None, **config_overrides):
+                    token=None, quantization: str | None = None, **config_overrides):
     """Build `cls` on the meta device and fill it from a checkpoint (see module docstring).
 
-    `convert(model, name, tensor) -> dict[name, tensor]` may rewrite each tensor as it is placed (the
-    int8 loader quantises with it).
+    quantization="int8" quantises every Linear (lm_head included) tensor by tensor while loading; a
+    checkpoint saved from a quantised model is recognised from its config and loads as int8 anyway.
     """
+    from .quantization import QUANTIZATION_KEY, quantizing_converter, swap_to_empty_int8
+
+    if quantization not in (None, "int8"):
+        raise ValueError(f"quantization must be None or 'int8'; got {quantization!r}")
     hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if config is None:
         config = BloomConfig.from_pretrained(name_or_path, **hub, **config_overrides)
@@ -167,7 +171,16 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
 
     with torch.device("meta"):
         model = cls(config)
-    expected = {k: v for k, v in model.state_dict().items()}
+    convert = None
+    saved_quantization = getattr(config, QUANTIZATION_KEY, None)
+    if saved_quantization:  # an int8 checkpoint: int8 tensors arrive as they are
+        swap_to_empty_int8(model, saved_quantization.get("include_lm_head", True))
+    elif quantization == "int8":
+        names = swap_to_empty_int8(model, include_lm_head=True)
+        tied_head = "lm_head" in names and getattr(config, "tie_word_embeddings", True)
+        convert = quantizing_converter(names, tied_head)
+    model.to(target)  # on meta: only sets the dtypes each tensor will be cast to
+    expected = dict(model.state_dict())
     tied = tied_keys(model) if getattr(config, "tie_word_embeddings", True) else set()
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -187,12 +200,17 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
                 f"({config.hidden_size=}, {config.n_head=}, {config.vocab_size=}) expects "
                 f"{tuple(expected[key].shape)} — does the config match the weights?"
             )
-        cast = dict(device=device, dtype=target) if tensor.is_floating_point() else dict(device=device)
-        placed = {key: tensor.to(**cast)}
+        if tensor.is_floating_point() and expected[key].is_floating_point():
+            placed = {key: tensor.to(device=device, dtype=expected[key].dtype)}
+        elif tensor.dtype == expected[key].dtype or convert is not None:
+            placed = {key: tensor.to(device=device)}
+        else:
+            raise CheckpointError(f"{path.name}: tensor {name} has dtype {tensor.dtype}, expected "
+                                  f"{expected[key].dtype}")
         if convert is not None:
             placed = convert(model, key, placed[key])
         model.load_state_dict(placed, strict=False, assign=True)
-        loaded.add(key)
+        loaded.update(placed)
     progress.close()
 
     missing = sorted(set(expected) - loaded - tied)

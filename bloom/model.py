@@ -24,7 +24,14 @@ from .pretrained import BloomPreTrainedModel
 from .validation import check_forward_inputs, check_labels
 
 
-def tp_sliced_linear(x: Tensor, linear: nn.Linear, tp: int) -> Tensor:
+def linear_without_bias(linear: nn.Module, x: Tensor) -> Tensor:
+    """x · Wᵀ of a float nn.Linear or an Int8Linear, without its bias (added elsewhere)."""
+    if isinstance(linear, nn.Linear):
+        return F.linear(x, linear.weight)
+    return linear(x, with_bias=False)
+
+
+def tp_sliced_linear(x: Tensor, linear: nn.Module, tp: int) -> Tensor:
     """Megatron's pretraining_tp > 1 product: the sum of per-slice partial products, then the bias.
 
     The slice bounds are transformers' (int(i * in / tp)). Unlike transformers, the bias is KEPT:
@@ -35,7 +42,10 @@ def tp_sliced_linear(x: Tensor, linear: nn.Linear, tp: int) -> Tensor:
     out = None
     for i in range(tp):
         lo, hi = int(i * slice_width), int((i + 1) * slice_width)
-        part = F.linear(x[..., lo:hi], linear.weight[:, lo:hi])
+        if isinstance(linear, nn.Linear):
+            part = F.linear(x[..., lo:hi], linear.weight[:, lo:hi])
+        else:  # int8: the per-output-channel scale applies to every slice of a row alike
+            part = bk.int8_linear(x[..., lo:hi], linear.weight[:, lo:hi].contiguous(), linear.scale)
         out = part if out is None else out + part
     return out + linear.bias if linear.bias is not None else out
 
@@ -89,7 +99,7 @@ class BloomMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The h->4h bias is added inside the fused GeLU, not by the linear.
-        h = bk.bias_gelu(F.linear(x, self.dense_h_to_4h.weight), self.dense_h_to_4h.bias)
+        h = bk.bias_gelu(linear_without_bias(self.dense_h_to_4h, x), self.dense_h_to_4h.bias)
         if self.exact_tp > 1:
             out = tp_sliced_linear(h, self.dense_4h_to_h, self.exact_tp)
         else:
@@ -241,7 +251,8 @@ class BloomForCausalLM(BloomPreTrainedModel):
         self.tie_weights()
 
     def tie_weights(self) -> None:
-        if getattr(self.config, "tie_word_embeddings", True):
+        # An int8 lm_head (bloom.quantization) holds its own quantised copy: nothing to tie.
+        if getattr(self.config, "tie_word_embeddings", True) and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.transformer.word_embeddings.weight
 
     def get_input_embeddings(self) -> nn.Embedding:

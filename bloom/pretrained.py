@@ -42,17 +42,20 @@ class BloomPreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, torch_dtype=None,
                         dtype=None, device=None, revision: str | None = None, cache_dir=None,
-                        local_files_only: bool = False, token=None, **config_overrides):
+                        local_files_only: bool = False, token=None, quantization: str | None = None,
+                        **config_overrides):
         """Load a checkpoint from a local directory or a hub id (see bloom/loading.py).
 
         torch_dtype (or dtype): None = float32, "auto" = the checkpoint's dtype, or a dtype / its name.
+        quantization="int8": int8 weight-only, quantised tensor by tensor while loading.
         Remaining keyword arguments override config fields.
         """
         from .loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype,
                                device=device, revision=revision, cache_dir=cache_dir,
-                               local_files_only=local_files_only, token=token, **config_overrides)
+                               local_files_only=local_files_only, token=token, quantization=quantization,
+                               **config_overrides)
 
     def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB") -> None:
         """config.json + safetensors (sharded with an index past max_shard_size), as transformers."""
