@@ -2,6 +2,7 @@
 
 from .cache import BloomCache, CacheOverflowError
 from .config import BloomConfig
+from .heads import BloomForQuestionAnswering, BloomForSequenceClassification, BloomForTokenClassification
 from .loading import CheckpointError
 from .model import BloomForCausalLM, BloomModel
 from .pretrained import BloomPreTrainedModel
@@ -14,6 +15,9 @@ __all__ = [
     "BloomCache",
     "BloomConfig",
     "BloomForCausalLM",
+    "BloomForQuestionAnswering",
+    "BloomForSequenceClassification",
+    "BloomForTokenClassification",
     "BloomModel",
     "BloomPreTrainedModel",
     "BloomTokenizerFast",

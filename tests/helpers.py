@@ -23,6 +23,30 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan"))
 
 
+# --- random BLOOM weights and batches ----------------------------------------------------------------
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights that keep the network well conditioned (LN weights near 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "layernorm" in name or "ln_f" in name:
+                p.copy_(1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+
+
+def left_padded_batch(vocab: int, lengths=(9, 6, 3), seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    total = max(lengths)
+    ids = torch.randint(4, vocab, (len(lengths), total), generator=gen)
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        mask[row, total - n:] = 1
+        ids[row, : total - n] = 3  # pad id
+    return ids, mask
+
+
 # --- a tiny BLOOM-like tokenizer, trained offline --------------------------------------------------
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 # BLOOM's tokenizer.json pre-tokenizer regex (a word with its leading space; the listed punctuation

@@ -5,6 +5,7 @@ import torch
 
 import bloom
 from bloom import BloomCache, BloomConfig, BloomForCausalLM, BloomModel
+from helpers import left_padded_batch, randomize_
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,18 +24,6 @@ CONFIGS = {
 }
 
 
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights that keep the network well conditioned (LN weights near 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if "layernorm" in name or "ln_f" in name:
-                p.copy_(1.0 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
-
-
 def model_pair(cfg: dict, cls=BloomForCausalLM, hf_cls=None, zero_tp_biases=False, **extra):
     hf_cls = hf_cls or getattr(transformers, cls.__name__)
     theirs = hf_cls(transformers.BloomConfig(**cfg, **extra)).eval()
@@ -49,17 +38,6 @@ def model_pair(cfg: dict, cls=BloomForCausalLM, hf_cls=None, zero_tp_biases=Fals
     ours = cls(BloomConfig(**cfg, **extra)).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
     return ours, theirs
-
-
-def left_padded_batch(vocab: int, lengths=(9, 6, 3), seed: int = 1):
-    gen = torch.Generator().manual_seed(seed)
-    total = max(lengths)
-    ids = torch.randint(4, vocab, (len(lengths), total), generator=gen)
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        mask[row, total - n:] = 1
-        ids[row, : total - n] = 3  # pad id
-    return ids, mask
 
 
 def assert_close_on_tokens(a, b, mask, atol=ATOL):
