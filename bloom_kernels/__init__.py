@@ -14,6 +14,11 @@ from .ops import (
     quantize_int8,
 )
 
+from . import _dispatch
+
+if _dispatch.kernels_usable_here():  # never on a CPU-only machine without TRITON_INTERPRET
+    _dispatch.preload_kernels()
+
 __all__ = [
     "alibi_attention",
     "alibi_attention_probs",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import sys
 from collections import Counter
 from types import ModuleType
 from typing import Callable
@@ -71,7 +72,27 @@ def _find_kernel_module(op: str) -> ModuleType | None:
         return None
     if importlib.util.find_spec("triton") is None:
         return None
-    return importlib.import_module(name)
+    module = importlib.import_module(name)
+    # Importing bloom_kernels.<op> binds the submodule as the package attribute <op>, hiding the
+    # public function of the same name: put the public op back.
+    package = sys.modules[__package__]
+    if getattr(package, op, None) is module:
+        setattr(package, op, getattr(importlib.import_module(".ops", __package__), op))
+    return module
+
+
+def kernels_usable_here() -> bool:
+    """Triton is installed and has something to run on: a GPU, or its CPU interpreter."""
+    return importlib.util.find_spec("triton") is not None and (
+        torch.cuda.is_available() or triton_interpreting()
+    )
+
+
+def preload_kernels() -> None:
+    """Import every kernel module now. torch.compile cannot trace an import, so a first call made
+    inside a compiled region must find its kernel module already loaded."""
+    for op in TRITON_OPS:
+        _kernel_module(op)
 
 
 def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Callable:
