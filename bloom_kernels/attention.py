@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import torch
 import triton
@@ -47,14 +46,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import decode
+from ._launch import triton_interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
 DECODE_MAX_QUERIES = 16  # Sq up to this runs the split-KV decode kernel
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _empty(shape, dtype, device) -> Tensor:
@@ -76,7 +72,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # pruned list on the GPU, keyed on bucketed lengths and the head dim
 # --------------------------------------------------------------------------------------------------
 def _configs(gpu_list, interp):
-    if _interpreting():
+    if triton_interpreting():
         bm, bn = interp
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
     configs = []
@@ -585,7 +581,7 @@ def _backward(grad_out, q, k, v, out, lse, slopes, positions, scale):
               "DOT_PRECISION": _dot_precision(q.dtype)}
     delta = _empty((batch, heads, q_len), torch.float32, q.device)
     with _device_guard(q):
-        pre_m = 16 if _interpreting() else 64
+        pre_m = 16 if triton_interpreting() else 64
         _bwd_preprocess_kernel[(triton.cdiv(q_len, pre_m), heads, batch)](
             out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, q_len,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m,

@@ -26,7 +26,6 @@ before capturing a CUDA graph.
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -35,7 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
-from ._dispatch import triton_interpreting
+from ._launch import row_bucket, rows_2d, sm_count, triton_interpreting
 
 MAX_N = 65_536  # longest row the op accepts (BLOOM-176B's MLP width is 57,344)
 
@@ -79,7 +78,7 @@ def _bias_gelu_fwd_kernel(
     bias_ptr,  # (N,)
     y_ptr,  # (M, N), row stride stride_ym
     M, N, stride_xm, stride_ym,
-    M_BUCKET,  # autotune key only: bucketed M (_m_bucket)
+    M_BUCKET,  # autotune key only: bucketed M (row_bucket)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -154,46 +153,28 @@ def _empty(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows_2d(t: Tensor, n: int) -> Tensor:
-    """t (..., n) as an (M, n) view with unit column stride; copies only when no such view exists."""
-    t2 = t.reshape(-1, n)
-    return t2 if n <= 1 or t2.stride(1) == 1 else t2.contiguous()
-
-
-def _m_bucket(m: int) -> int:
-    """Autotune key for the row count: powers of two, all M >= 8192 alike."""
-    return min(triton.next_power_of_2(m), 8192)
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # interpreter: a couple of row groups is enough to exercise the reduction
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _rows_per_program(m: int, n: int, device: torch.device) -> int:
     """Rows one backward program walks: ~4 programs per SM at 1024-wide column blocks, at least 32
     rows (so the fp32 partials stay a few % of the traffic), a multiple of every BLOCK_M."""
-    groups = max(1, 4 * _sm_count(device) // triton.cdiv(n, 1024))
+    groups = max(1, 4 * sm_count(device, interpreter_sms=2) // triton.cdiv(n, 1024))
     return min(max(triton.next_power_of_2(triton.cdiv(m, groups)), 32), 4096)
 
 
 def _forward(x: Tensor, bias: Tensor) -> Tensor:
     n = x.shape[-1]
-    x2 = _rows_2d(x, n)
+    x2 = rows_2d(x, n)
     m = x2.shape[0]
     y = _empty((m, n), x.dtype, x.device)
     if m > 0 and n > 0:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
-        _bias_gelu_fwd_kernel[grid](x2, bias, y, m, n, x2.stride(0), y.stride(0), _m_bucket(m))
+        _bias_gelu_fwd_kernel[grid](x2, bias, y, m, n, x2.stride(0), y.stride(0), row_bucket(m))
     return y.view(x.shape)
 
 
 def _backward(dy: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
-    x2 = _rows_2d(x, n)
-    dy2 = _rows_2d(dy, n)
+    x2 = rows_2d(x, n)
+    dy2 = rows_2d(dy, n)
     m = x2.shape[0]
     dx = _empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
@@ -203,7 +184,7 @@ def _backward(dy: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     dbias_part = _empty((groups, n), torch.float32, x.device)
     grid = lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]))
     _bias_gelu_bwd_kernel[grid](dy2, x2, bias, dx, dbias_part, m, n, dy2.stride(0), x2.stride(0),
-                                dx.stride(0), rows_per_prog, _m_bucket(m))
+                                dx.stride(0), rows_per_prog, row_bucket(m))
     return dx.view(x.shape), dbias_part.sum(0).to(bias.dtype)
 
 

@@ -19,23 +19,19 @@ attention.py's backward expects.
 
 from __future__ import annotations
 
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import sm_count, triton_interpreting
+
 MAX_SPLITS = 64  # the combine holds (splits x BLOCK_D) fp32 in registers
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _decode_configs():
-    if _interpreting():  # the interpreter cannot time configs: exactly one
+    if triton_interpreting():  # the interpreter cannot time configs: exactly one
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
     return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 8, 4)]]
@@ -157,20 +153,14 @@ def _combine_kernel(
              + offs_d * stride_od, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def num_splits(batch_heads: int, k_len: int, device: torch.device) -> tuple[int, int]:
     """(number of splits, keys per split) for B*H query blocks over k_len keys; from shapes only.
 
     Enough programs for ~4 waves of the SMs when B*H alone fills fewer than 2; each split a multiple
     of the granule (a multiple of every BLOCK_N) so no block straddles two splits.
     """
-    granule = 32 if _interpreting() else 128
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device.type == "cuda" else 4
+    granule = 32 if triton_interpreting() else 128
+    sms = sm_count(device, interpreter_sms=4)
     want = 1 if batch_heads >= 2 * sms else triton.cdiv(4 * sms, batch_heads)
     want = max(1, min(want, MAX_SPLITS, triton.cdiv(k_len, granule)))
     keys = triton.cdiv(triton.cdiv(k_len, want), granule) * granule

@@ -49,6 +49,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._launch import sm_count
+
 SMALL_M_MAX = 16  # rows handled by the streaming (decode) path by default
 TUNE_ENV = "BLOOM_KERNELS_INT8_TUNE"
 
@@ -195,7 +197,6 @@ class Int8MatmulConfig:
     stream_weight: bool = False
 
 
-_SM_COUNT: dict[int, int] = {}
 
 
 def _device_index(device: torch.device) -> int:
@@ -203,12 +204,7 @@ def _device_index(device: torch.device) -> int:
 
 
 def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # interpreter: a few "SMs", so small shapes still exercise split-K
-    idx = _device_index(device)
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return sm_count(device, interpreter_sms=4)  # a few "SMs": small shapes still exercise split-K
 
 
 def _split_for(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int, waves: float) -> int:

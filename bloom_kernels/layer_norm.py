@@ -34,14 +34,13 @@ capturing a CUDA graph.
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._dispatch import triton_interpreting
+from ._launch import row_bucket, rows_2d, sm_count, triton_interpreting
 
 MAX_N = 65_536  # longest row the op accepts (BLOOM-176B: hidden 14,336)
 # Rows whose next power of two is at most this are held in registers (forward / backward); longer
@@ -254,35 +253,17 @@ def _empty(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _rows_2d(t: Tensor, n: int) -> Tensor:
-    """t (..., n) as an (M, n) view with unit column stride; copies only when no such view exists."""
-    t2 = t.reshape(-1, n)
-    return t2 if n <= 1 or t2.stride(1) == 1 else t2.contiguous()
-
-
-def _m_bucket(m: int) -> int:
-    """Autotune key for the row count: powers of two, all M >= 8192 alike."""
-    return min(triton.next_power_of_2(m), 8192)
-
-
 def _row_block(n: int, limit: int) -> int:
     """BLOCK_N: the whole row when it fits in registers (next power of two <= limit), else a chunk."""
     block = triton.next_power_of_2(n)
     return block if block <= limit else _LOOP_CHUNK
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 2  # interpreter: a couple of row groups is enough to exercise the reduction
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Tensor | None):
     n = x.shape[-1]
-    x2 = _rows_2d(x, n)
+    x2 = rows_2d(x, n)
     m = x2.shape[0]
-    r2 = x2 if residual is None else _rows_2d(residual, n)
+    r2 = x2 if residual is None else rows_2d(residual, n)
     y = _empty((m, n), x.dtype, x.device)
     s = _empty((m, n) if residual is not None else (0,), x.dtype, x.device)
     mean = _empty((m,), torch.float32, x.device)
@@ -291,7 +272,7 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Tens
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
         _ln_fwd_kernel[grid](
             x2, r2, weight, bias, y, s if residual is not None else y, mean, rstd,
-            m, n, x2.stride(0), r2.stride(0), y.stride(0), eps, _m_bucket(m),
+            m, n, x2.stride(0), r2.stride(0), y.stride(0), eps, row_bucket(m),
             HAS_RESIDUAL=residual is not None, BLOCK_N=_row_block(n, _MAX_FUSED_BLOCK),
         )
     lead = x.shape[:-1]
@@ -300,10 +281,10 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Tens
 
 def _backward(dy, dsum, x, residual, weight, mean, rstd, bias_dtype):
     n = x.shape[-1]
-    x2, dy2 = _rows_2d(x, n), _rows_2d(dy, n)
+    x2, dy2 = rows_2d(x, n), rows_2d(dy, n)
     m = x2.shape[0]
-    r2 = x2 if residual is None else _rows_2d(residual, n)
-    ds2 = dy2 if dsum is None else _rows_2d(dsum, n)
+    r2 = x2 if residual is None else rows_2d(residual, n)
+    ds2 = dy2 if dsum is None else rows_2d(dsum, n)
     dx = _empty((m, n), x.dtype, x.device)
     mean, rstd = mean.reshape(-1), rstd.reshape(-1)
     if m == 0:
@@ -319,12 +300,12 @@ def _backward(dy, dsum, x, residual, weight, mean, rstd, bias_dtype):
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
         _ln_bwd_row_dots_kernel[grid](
             dy2, x2, r2, weight, mean, rstd, c1, c2, m, n, dy2.stride(0), x2.stride(0), r2.stride(0),
-            _m_bucket(m), HAS_RESIDUAL=residual is not None, BLOCK_N=_LOOP_CHUNK,
+            row_bucket(m), HAS_RESIDUAL=residual is not None, BLOCK_N=_LOOP_CHUNK,
         )
     col_blocks = triton.cdiv(n, block_n)
     # Row groups: one program per SM for whole rows (Liger's choice: the fp32 partials, written and
     # read once more, stay 3-4% of the traffic at 8192 x 4096), about two per SM for column blocks.
-    programs = _sm_count(x.device) * (1 if col_blocks == 1 else 2)
+    programs = sm_count(x.device, interpreter_sms=2) * (1 if col_blocks == 1 else 2)
     groups = min(m, triton.cdiv(programs, col_blocks))
     rows_per_prog = triton.cdiv(m, groups)
     groups = triton.cdiv(m, rows_per_prog)
@@ -333,7 +314,7 @@ def _backward(dy, dsum, x, residual, weight, mean, rstd, bias_dtype):
     _ln_bwd_kernel[(groups, col_blocks)](
         dy2, ds2, x2, r2, weight, mean, rstd, c1, c2, dx, dw_part, db_part,
         m, n, dy2.stride(0), ds2.stride(0), x2.stride(0), r2.stride(0), dx.stride(0), rows_per_prog,
-        _m_bucket(m), HAS_RESIDUAL=residual is not None, HAS_DSUM=dsum is not None, BLOCK_N=block_n,
+        row_bucket(m), HAS_RESIDUAL=residual is not None, HAS_DSUM=dsum is not None, BLOCK_N=block_n,
     )
     dweight = dw_part.sum(0).to(weight.dtype)
     dbias = db_part.sum(0).to(bias_dtype)
