@@ -24,11 +24,11 @@ from .pretrained import BloomPreTrainedModel
 from .validation import check_forward_inputs, check_labels
 
 
-def linear_without_bias(linear: nn.Module, x: Tensor) -> Tensor:
-    """x · Wᵀ of a float nn.Linear or an Int8Linear, without its bias (added elsewhere)."""
+def project(linear: nn.Module, x: Tensor, with_bias: bool = True) -> Tensor:
+    """x · Wᵀ (+ b) of a float nn.Linear (through bloom_kernels.linear) or an Int8Linear."""
     if isinstance(linear, nn.Linear):
-        return F.linear(x, linear.weight)
-    return linear(x, with_bias=False)
+        return bk.linear(x, linear.weight, linear.bias if with_bias else None)
+    return linear(x, with_bias=with_bias)
 
 
 def tp_sliced_linear(x: Tensor, linear: nn.Module, tp: int) -> Tensor:
@@ -67,7 +67,7 @@ class BloomAttention(nn.Module):
     def forward(self, x: Tensor, slopes: Tensor, attention_mask: Tensor | None, cache: BloomCache | None,
                 head_mask: Tensor | None, output_attentions: bool) -> tuple[Tensor, Tensor | None]:
         batch, seq, _ = x.shape
-        fused = self.query_key_value(x).view(batch, seq, self.num_heads, 3, self.head_dim)
+        fused = project(self.query_key_value, x).view(batch, seq, self.num_heads, 3, self.head_dim)
         q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, S, D) strided views
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, L, D) views of the cache
@@ -85,7 +85,7 @@ class BloomAttention(nn.Module):
                 probs = probs * head_mask.to(probs.dtype).view(1, -1, 1, 1)
         ctx = ctx.transpose(1, 2).reshape(batch, seq, self.hidden_size)
 
-        out = tp_sliced_linear(ctx, self.dense, self.exact_tp) if self.exact_tp > 1 else self.dense(ctx)
+        out = tp_sliced_linear(ctx, self.dense, self.exact_tp) if self.exact_tp > 1 else project(self.dense, ctx)
         return F.dropout(out, self.hidden_dropout, self.training), probs
 
 
@@ -99,11 +99,11 @@ class BloomMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The h->4h bias is added inside the fused GeLU, not by the linear.
-        h = bk.bias_gelu(linear_without_bias(self.dense_h_to_4h, x), self.dense_h_to_4h.bias)
+        h = bk.bias_gelu(project(self.dense_h_to_4h, x, with_bias=False), self.dense_h_to_4h.bias)
         if self.exact_tp > 1:
             out = tp_sliced_linear(h, self.dense_4h_to_h, self.exact_tp)
         else:
-            out = self.dense_4h_to_h(h)
+            out = project(self.dense_4h_to_h, h)
         return F.dropout(out, self.hidden_dropout, self.training)
 
 
@@ -264,7 +264,7 @@ class BloomForCausalLM(BloomPreTrainedModel):
     def next_token_logits(self, input_ids: Tensor, cache: BloomCache, attention_mask: Tensor | None) -> Tensor:
         """fp32 logits (B, V) of the last position only. No input checks: generation's own tokens."""
         hidden, _, _ = self.transformer.run(self.transformer.word_embeddings(input_ids), cache, attention_mask)
-        return self.lm_head(hidden[:, -1]).float()
+        return project(self.lm_head, hidden[:, -1]).float()
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Prompt + new tokens; see bloom.generation.generate for the options (max_new_tokens, ...)."""
@@ -296,7 +296,7 @@ class BloomForCausalLM(BloomPreTrainedModel):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = self.lm_head(hidden)
+        logits = project(self.lm_head, hidden)
 
         loss = None
         if labels is not None:

@@ -1,7 +1,8 @@
 """bloom_kernels: Triton kernels for BLOOM, each with an eager PyTorch reference.
 
 Public ops (dispatched per call by BLOOM_KERNELS_BACKEND, see `_dispatch.py`):
-alibi_slopes, alibi_attention, alibi_attention_probs, bias_gelu, layer_norm, quantize_int8, int8_linear.
+alibi_slopes, alibi_attention, alibi_attention_probs, bias_gelu, layer_norm, linear, quantize_int8,
+int8_linear.
 """
 
 from .ops import (
@@ -11,6 +12,7 @@ from .ops import (
     bias_gelu,
     int8_linear,
     layer_norm,
+    linear,
     quantize_int8,
 )
 
@@ -26,5 +28,6 @@ __all__ = [
     "bias_gelu",
     "int8_linear",
     "layer_norm",
+    "linear",
     "quantize_int8",
 ]

@@ -588,6 +588,46 @@ def test_int8_linear_after_quantize_approximates_the_float_linear():
 
 
 # ==================================================================================================
+# linear (F.linear; a batched-matmul route on the CPU for skinny inputs against large weights)
+# ==================================================================================================
+@pytest.mark.parametrize("out_features, route", [(16388, "bmm"), (16386, "bmm"), (16385, "F.linear"),
+                                                 (300, "F.linear")])
+@pytest.mark.parametrize("x_shape", [(1, 64), (2, 3, 64), (17, 64)], ids=str)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_matches_float64_on_both_routes(out_features, route, x_shape, with_bias, impl, monkeypatch):
+    g = torch.Generator().manual_seed(out_features)
+    w = torch.randn(out_features, 64, generator=g)
+    b = torch.randn(out_features, generator=g) if with_bias else None
+    x = torch.randn(*x_shape, generator=g)
+    used = []
+    for name in ("bmm", "baddbmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, **k: used.append(1) or _real(*a, **k))
+    y = impl_of(impl, "linear")(x, w, b)
+    expected = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    assert y.shape == (*x_shape[:-1], out_features) and y.is_contiguous()
+    # fp32 dot products of length 64 with |terms| ~ 1: a few 1e-6 of rounding
+    torch.testing.assert_close(y.double(), expected, atol=2e-5, rtol=1e-5)
+    skinny = x.numel() // 64 <= reference.SKINNY_MAX_ROWS and w.numel() >= reference.SKINNY_MIN_WEIGHT
+    assert bool(used) == (route == "bmm" and skinny)
+
+
+def test_linear_gradients_on_the_bmm_route():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16388, 64, generator=g, dtype=torch.float64).float().requires_grad_()
+    b = torch.randn(16388, generator=g).requires_grad_()
+    x = torch.randn(2, 64, generator=g).requires_grad_()
+    dy = torch.randn(2, 16388, generator=g)
+    reference.linear(x, w, b).backward(dy)
+    xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+    F.linear(xd, wd, bd).backward(dy.double())
+    # x.grad sums 16388 fp32 products (|x.grad| ~ 1e2): fp32 accumulation error ~1e-4 relative
+    for got, want in ((x.grad, xd.grad), (w.grad, wd.grad), (b.grad, bd.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-3, rtol=1e-4)
+
+
+# ==================================================================================================
 # public wrappers: argument checks, backend switch, dispatch counter
 # ==================================================================================================
 def _attn_args(**over):
