@@ -66,7 +66,11 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    torch.set_grad_enabled(False)
+    with torch.inference_mode():
+        run(args, device, dtype)
+
+
+def run(args, device, dtype) -> None:
 
     ours, theirs = build_models(args.preset, device, dtype)
     vocab = ours.config.vocab_size
