@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import decode
+from . import decode, reference
 from ._launch import triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -655,9 +655,9 @@ _attention_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_con
 # --------------------------------------------------------------------------------------------------
 def key_positions(attention_mask: Tensor) -> Tensor:
     """fp32 (B, Sk): the reference's ALiBi position cumsum(mask) - 1 at tokens, -1 at padding."""
-    mask = attention_mask.to(torch.int64)
-    pos = ((mask.cumsum(-1) - 1) * mask).to(torch.float32)
-    return torch.where(attention_mask.bool(), pos, -1.0)
+    batch, key_len = attention_mask.shape
+    pos = reference.alibi_positions(attention_mask, batch, key_len, attention_mask.device)
+    return torch.where(attention_mask != 0, pos, -1.0)
 
 
 def alibi_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor,
