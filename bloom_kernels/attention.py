@@ -185,6 +185,22 @@ def _bias(pos, ref, slope2, HAS_MASK: tl.constexpr):
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
+def _key_block_scores(q, k_base, v_base, pos_base, k_rel, v_rel, start_n, offs_n, offs_d, ref, slope2,
+                      qk_scale, stride_kn, stride_vn, stride_pn, K_LEN, HEAD_DIM: tl.constexpr,
+                      BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
+    """Load the key block at start_n (K, V tiles) and return (base-2 scores with ALiBi bias, K, V)."""
+    k = _load_tile(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_rel, offs_n, K_LEN, offs_d,
+                   MASK_KEYS, HEAD_DIM, BLOCK_D)
+    v = _load_tile(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_rel, offs_n, K_LEN, offs_d,
+                   MASK_KEYS, HEAD_DIM, BLOCK_D)
+    pos = _key_pos(pos_base, stride_pn, offs_n, K_LEN, HAS_MASK, MASK_KEYS)
+    bias = _bias(pos, ref, slope2, HAS_MASK)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
+    return s, k, v
+
+
+@triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, pos_base, k_rel, v_rel, offs_m, offs_n0, offs_d,
                lo, hi, ref, slope2, qk_scale, stride_kn, stride_vn, stride_pn, key_off, K_LEN,
                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -193,13 +209,9 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, pos_base, k_rel, v_rel, offs_m,
     MASK_KEYS: tl.constexpr = DIAGONAL and not EVEN_N
     for start_n in range(lo, hi, offs_n0.shape[0]):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_rel, offs_n, K_LEN, offs_d,
-                       MASK_KEYS, HEAD_DIM, BLOCK_D)
-        v = _load_tile(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_rel, offs_n, K_LEN, offs_d,
-                       MASK_KEYS, HEAD_DIM, BLOCK_D)
-        pos = _key_pos(pos_base, stride_pn, offs_n, K_LEN, HAS_MASK, MASK_KEYS)
-        bias = _bias(pos, ref, slope2, HAS_MASK)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
+        s, k, v = _key_block_scores(q, k_base, v_base, pos_base, k_rel, v_rel, start_n, offs_n, offs_d,
+                                    ref, slope2, qk_scale, stride_kn, stride_vn, stride_pn, K_LEN,
+                                    HEAD_DIM, BLOCK_D, HAS_MASK, MASK_KEYS, DOT_PRECISION)
         if DIAGONAL:
             # query i sits at key position key_off + i; this also hides keys >= K_LEN from real rows
             s = tl.where(key_off + offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -433,13 +445,9 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, pos_base, k_rel, v_rel, off
     MASK_KEYS: tl.constexpr = DIAGONAL and not EVEN_N
     for start_n in range(lo, hi, offs_n0.shape[0]):
         offs_n = start_n + offs_n0
-        k = _load_tile(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_rel, offs_n, K_LEN, offs_d,
-                       MASK_KEYS, HEAD_DIM, BLOCK_D)
-        v = _load_tile(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_rel, offs_n, K_LEN, offs_d,
-                       MASK_KEYS, HEAD_DIM, BLOCK_D)
-        pos = _key_pos(pos_base, stride_pn, offs_n, K_LEN, HAS_MASK, MASK_KEYS)
-        bias = _bias(pos, ref, slope2, HAS_MASK)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
+        s, k, v = _key_block_scores(q, k_base, v_base, pos_base, k_rel, v_rel, start_n, offs_n, offs_d,
+                                    ref, slope2, qk_scale, stride_kn, stride_vn, stride_pn, K_LEN,
+                                    HEAD_DIM, BLOCK_D, HAS_MASK, MASK_KEYS, DOT_PRECISION)
         p = tl.math.exp2(s - lse[:, None])
         if DIAGONAL:
             p = tl.where(key_off + offs_m[:, None] >= offs_n[None, :], p, 0.0)
