@@ -181,6 +181,7 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         convert = quantizing_converter(names, tied_head)
     model.to(target)  # on meta: only sets the dtypes each tensor will be cast to
     expected = dict(model.state_dict())
+    expected_names = set(expected)
     tied = tied_keys(model) if getattr(config, "tie_word_embeddings", True) else set()
     loaded: set[str] = set()
     unexpected: list[str] = []
@@ -188,7 +189,7 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
     progress = _ShardProgress(files, name_or_path)
     for path, name, tensor in iter_checkpoint(files, fmt):
         progress.update_file(path)
-        key = map_name(name, set(expected))
+        key = map_name(name, expected_names)
         if key is None:
             continue
         if key not in expected:
@@ -213,7 +214,7 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         loaded.update(placed)
     progress.close()
 
-    missing = sorted(set(expected) - loaded - tied)
+    missing = sorted(expected_names - loaded - tied)
     head_only = [k for k in missing if k.startswith(HEAD_PREFIXES) and k != "lm_head.weight"]
     real_missing = [k for k in missing if k not in head_only]
     if unexpected or real_missing:

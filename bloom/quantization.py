@@ -72,29 +72,30 @@ def quantization_config(include_lm_head: bool) -> dict:
     return {"method": METHOD, "include_lm_head": bool(include_lm_head)}
 
 
+def _swap_linears(model: nn.Module, include_lm_head: bool, make_int8) -> list[str]:
+    """Replace each target nn.Linear by make_int8(linear), record the quantisation in the config."""
+    names = linear_targets(model, include_lm_head)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, make_int8(getattr(parent, child)))
+    setattr(model.config, QUANTIZATION_KEY, quantization_config(include_lm_head))
+    return names
+
+
 def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
     """Swap every nn.Linear of a loaded model for an Int8Linear, in place; returns the model."""
     if getattr(model.config, QUANTIZATION_KEY, None):
         raise ValueError("this model is already quantised")
-    for name in linear_targets(model, include_lm_head):
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_linear(getattr(parent, child)))
-    setattr(model.config, QUANTIZATION_KEY, quantization_config(include_lm_head))
+    _swap_linears(model, include_lm_head, Int8Linear.from_linear)
     return model
 
 
 def swap_to_empty_int8(model: nn.Module, include_lm_head: bool) -> list[str]:
     """Replace the Linear modules by empty Int8Linear of the same shape and dtype (for loading)."""
-    names = linear_targets(model, include_lm_head)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        setattr(parent, child, Int8Linear(old.in_features, old.out_features, old.bias is not None,
-                                          device=old.weight.device, dtype=old.weight.dtype))
-    setattr(model.config, QUANTIZATION_KEY, quantization_config(include_lm_head))
-    return names
+    return _swap_linears(model, include_lm_head, lambda old: Int8Linear(
+        old.in_features, old.out_features, old.bias is not None, device=old.weight.device,
+        dtype=old.weight.dtype))
 
 
 def quantizing_converter(quantized_modules: list[str], tied_lm_head: bool):
