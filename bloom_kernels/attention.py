@@ -37,7 +37,6 @@ CUDA-graph capture. Limits: B and H at most 65535 each (grid), bf16 not in the C
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 
 import torch
@@ -46,7 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import decode, reference
-from ._launch import triton_interpreting
+from ._launch import gpu_spec, smem_per_block, triton_interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -63,6 +62,13 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(max(int(n), 1)), 16384)
 
 
+def _key_lengths(q_len: int, k_len: int) -> tuple[int, int, int]:
+    """(Q_BUCKET, K_BUCKET, ALIGNED) of the autotune key. ALIGNED: both lengths are multiples of 128,
+    hence of every block size, so no config needs a boundary mask; the pruner keeps only the configs
+    that run masked without spilling otherwise, for every length of the bucket alike."""
+    return _bucket(q_len), _bucket(k_len), int(q_len % 128 == 0 and k_len % 128 == 0)
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # tf32 is ignored by fp16/bf16 dots
 
@@ -71,54 +77,83 @@ def _dot_precision(dtype: torch.dtype) -> str:
 # autotune configs: exactly one when interpreting (the interpreter cannot time configs), a small
 # pruned list on the GPU, keyed on bucketed lengths and the head dim
 # --------------------------------------------------------------------------------------------------
-def _configs(gpu_list, interp):
+def _configs(gpu_lists, interp):
     if triton_interpreting():
         bm, bn = interp
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
     configs = []
-    for bm, bn, warps, stages, max_block_d in gpu_list:
-        config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
-        config.max_block_d = max_block_d  # read by _pruner
-        configs.append(config)
+    for arch, rows in gpu_lists.items():
+        for bm, bn, warps, stages, tiles, masked_tiles in rows:
+            config = triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            config.arch, config.tiles, config.masked_tiles = arch, tiles, masked_tiles  # read by _pruner
+            configs.append(config)
     return configs
 
 
-# (BLOCK_M, BLOCK_N, warps, stages, largest BLOCK_D): compiled for sm_90 in fp16/bf16, none spills
-# (at most 32 bytes in a boundary-masked variant)
-# registers or exceeds shared memory up to its largest BLOCK_D (the tiles that spill at
-# BLOCK_D = 128 are kept for D = 64 only).
-_FWD_CONFIGS = [(128, 64, 8, 3, 128), (128, 64, 8, 4, 128), (128, 128, 8, 3, 128), (64, 64, 4, 3, 128),
-                (64, 32, 4, 4, 128), (128, 64, 4, 3, 64), (128, 32, 4, 3, 64)]
-_DKDV_CONFIGS = [(32, 128, 8, 3, 128), (64, 64, 8, 3, 128), (64, 128, 8, 3, 128), (32, 64, 4, 3, 128),
-                 (16, 128, 4, 3, 64), (64, 128, 8, 2, 64)]
-_DQ_CONFIGS = [(128, 32, 8, 3, 128), (128, 64, 8, 2, 128), (64, 64, 8, 3, 128), (64, 32, 4, 3, 128),
-               (128, 128, 8, 2, 64), (128, 32, 4, 3, 64)]
+# Per architecture (80: Ampere and Ada, mma.sync; 90: Hopper, wgmma), rows of
+#   (BLOCK_M, BLOCK_N, warps, stages, BLOCK_D tiles it runs unmasked, BLOCK_D tiles it runs masked)
+# where "masked" means a padding mask or lengths that do not divide the blocks (more live registers),
+# and a BLOCK_D tile is 64 (head dims <= 64) or 128 (BLOOM's 80, 96 and 128). A tile left out of a
+# row is one where that config spills registers: read off the ahead-of-time compile for sm_80 / sm_90
+# (python -m bloom_kernels.compile_targets; Triton 3.6, bf16, BLOOM's shapes), which the test
+# tests/test_compile_targets.py re-checks. Shared memory is pruned per device (_pruner).
+ANY, D64, NONE = (64, 128), (64,), ()
+_FWD_CONFIGS = {
+    90: [(128, 64, 8, 3, ANY, ANY), (128, 64, 8, 4, ANY, ANY), (128, 128, 8, 3, ANY, D64),
+         (64, 64, 4, 3, ANY, ANY), (64, 32, 4, 4, ANY, ANY), (128, 64, 4, 3, D64, D64),
+         (128, 32, 4, 3, D64, D64)],
+    80: [(128, 64, 8, 3, ANY, D64), (128, 64, 8, 4, ANY, D64), (64, 64, 8, 3, ANY, ANY),
+         (64, 64, 4, 3, ANY, ANY), (64, 32, 4, 4, ANY, ANY), (128, 32, 8, 3, ANY, ANY),
+         (128, 32, 4, 3, D64, D64)],
+}
+_DKDV_CONFIGS = {
+    90: [(32, 128, 8, 3, ANY, ANY), (64, 64, 8, 3, ANY, D64), (64, 128, 8, 3, D64, D64),
+         (32, 64, 4, 3, ANY, D64), (16, 128, 4, 3, D64, D64), (64, 128, 8, 2, D64, D64),
+         (32, 64, 8, 3, ANY, ANY), (16, 128, 8, 3, ANY, ANY)],
+    80: [(16, 128, 8, 3, ANY, ANY), (16, 64, 4, 3, ANY, ANY), (32, 64, 8, 3, ANY, (128,)),
+         (64, 64, 8, 3, (128,), (128,)), (32, 64, 4, 3, ANY, NONE), (32, 128, 8, 3, D64, NONE),
+         (32, 128, 8, 2, D64, D64), (16, 128, 4, 3, D64, D64)],
+}
+_DQ_CONFIGS = {
+    90: [(128, 32, 8, 3, ANY, ANY), (128, 64, 8, 2, ANY, ANY), (64, 64, 8, 3, ANY, ANY),
+         (64, 32, 4, 3, ANY, ANY), (128, 128, 8, 2, D64, D64), (128, 32, 4, 3, D64, D64)],
+    80: [(128, 32, 8, 3, ANY, ANY), (64, 32, 4, 3, ANY, ANY), (64, 32, 8, 3, ANY, ANY),
+         (128, 32, 4, 3, D64, D64), (128, 64, 8, 2, ANY, NONE), (64, 64, 8, 3, ANY, (128,))],
+}
 
 
-@functools.cache
-def _smem_limit(device_index: int) -> int:
-    props = torch.cuda.get_device_properties(device_index)
-    return getattr(props, "shared_memory_per_block_optin", 0) or 99 * 1024
+def _arch(device: torch.device) -> int:
+    """Which config rows a device takes: 90 for Hopper and newer, 80 for Ampere/Ada (and the CPU)."""
+    spec = gpu_spec(device)
+    return 90 if spec is not None and spec.capability >= 90 else 80
 
 
 def _pruner(staged_elements):
-    """Early config prune for one kernel: drop the configs unfit for this head dim, much larger than
-    the problem, or whose shared memory (staged_elements(BM, BN, BD, stages) * element size, the
-    tiles the pipeline keeps) exceeds the device's limit, e.g. fp32 with large tiles.
+    """Early config prune for one kernel: keep the rows of this device's architecture that run this
+    BLOCK_D tile (masked or not) without spilling, are not much larger than the problem, and whose
+    shared memory (staged_elements(BM, BN, BD, stages) * element size, the tiles the pipeline keeps)
+    fits the device, e.g. not fp32 with large tiles.
     """
     def prune(configs, named_args, **kwargs):
+        if not hasattr(configs[0], "arch"):  # the interpreter's single config
+            return configs
         args = {**named_args, **kwargs}
         q, block_d = args["q_ptr"], args["BLOCK_D"]
-        limit = _smem_limit(q.device.index) if q.is_cuda else 1 << 30
-        q_cap = max(64, triton.next_power_of_2(args["Q_LEN"]))
-        k_cap = max(64, triton.next_power_of_2(args["K_LEN"]))
-        kept = [c for c in configs
-                if block_d <= getattr(c, "max_block_d", 256)
-                and c.kwargs["BLOCK_M"] <= q_cap and c.kwargs["BLOCK_N"] <= k_cap
-                and staged_elements(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], block_d, c.num_stages)
-                * q.element_size() <= limit - 2048]
-        smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
-        return kept or [smallest]
+        limit = smem_per_block(q.device)
+        arch, tile = _arch(q.device), 64 if block_d <= 64 else 128
+        q_len, k_len = args["Q_LEN"], args["K_LEN"]
+        q_cap, k_cap = max(64, triton.next_power_of_2(q_len)), max(64, triton.next_power_of_2(k_len))
+        mine = [c for c in configs if c.arch == arch]
+
+        masked = args["HAS_MASK"] or not args["ALIGNED"]  # the same for every length in this key
+
+        def fits(c):
+            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+            return (tile in (c.masked_tiles if masked else c.tiles) and bm <= q_cap and bn <= k_cap
+                    and staged_elements(bm, bn, block_d, c.num_stages) * q.element_size() <= limit - 2048)
+
+        smallest = min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
+        return [c for c in mine if fits(c)] or [smallest]
     return prune
 
 
@@ -132,7 +167,7 @@ _EVEN = {
     "EVEN_M": lambda a: a["Q_LEN"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["K_LEN"] % a["BLOCK_N"] == 0,
 }
-_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HAS_MASK"]
+_KEY = ["Q_BUCKET", "K_BUCKET", "ALIGNED", "HEAD_DIM", "HAS_MASK"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,13 +191,14 @@ def _load_tile(ptrs, rows, n_rows, cols, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.c
 
 
 @triton.jit
-def _key_pos(pos_base, stride_pn, offs_n, k_len, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr):
-    """fp32 (BLOCK_N,) ALiBi position of each key: pos[b, j] (-1 at padding) or j without a mask."""
+def _key_pos(pos_ptrs, offs_n, k_len, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """fp32 (BLOCK_N,) ALiBi position of each key: pos[b, j] (-1 at padding) or j without a mask.
+    pos_ptrs (BLOCK_N,) point at pos[b, offs_n] (never read without a mask)."""
     if HAS_MASK:
         if MASK_KEYS:
-            pos = tl.load(pos_base + offs_n * stride_pn, mask=offs_n < k_len, other=-1.0)
+            pos = tl.load(pos_ptrs, mask=offs_n < k_len, other=-1.0)
         else:
-            pos = tl.load(pos_base + offs_n * stride_pn)
+            pos = tl.load(pos_ptrs)
     else:
         pos = offs_n.to(tl.float32)
     return pos
@@ -185,8 +221,8 @@ def _bias(pos, ref, slope2, HAS_MASK: tl.constexpr):
 # forward
 # --------------------------------------------------------------------------------------------------
 @triton.jit
-def _key_block_scores(q, k_base, v_base, pos_base, k_rel, v_rel, start_n, offs_n, offs_d, ref, slope2,
-                      qk_scale, stride_kn, stride_vn, stride_pn, K_LEN, HEAD_DIM: tl.constexpr,
+def _key_block_scores(q, k_base, v_base, pos_ptrs, k_rel, v_rel, start_n, offs_n, offs_d, ref, slope2,
+                      qk_scale, stride_kn, stride_vn, K_LEN, HEAD_DIM: tl.constexpr,
                       BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     """Load the key block at start_n (K, V tiles) and return (base-2 scores with ALiBi bias, K, V)."""
@@ -194,7 +230,7 @@ def _key_block_scores(q, k_base, v_base, pos_base, k_rel, v_rel, start_n, offs_n
                    MASK_KEYS, HEAD_DIM, BLOCK_D)
     v = _load_tile(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_rel, offs_n, K_LEN, offs_d,
                    MASK_KEYS, HEAD_DIM, BLOCK_D)
-    pos = _key_pos(pos_base, stride_pn, offs_n, K_LEN, HAS_MASK, MASK_KEYS)
+    pos = _key_pos(pos_ptrs, offs_n, K_LEN, HAS_MASK, MASK_KEYS)
     bias = _bias(pos, ref, slope2, HAS_MASK)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
     return s, k, v
@@ -207,11 +243,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, pos_base, k_rel, v_rel, offs_m,
                DIAGONAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi); DIAGONAL adds the causal mask and key bounds."""
     MASK_KEYS: tl.constexpr = DIAGONAL and not EVEN_N
-    for start_n in range(lo, hi, offs_n0.shape[0]):
+    BLOCK_N: tl.constexpr = offs_n0.shape[0]
+    # the key positions are read through a pointer advanced once per block: an offset recomputed from
+    # start_n (sign-extended to 64 bits) lands on the path that skips an empty stage, which makes
+    # ptxas serialise the wgmma pipeline on sm_90 (C7515)
+    pos_ptrs = pos_base + (lo + offs_n0) * stride_pn
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        s, k, v = _key_block_scores(q, k_base, v_base, pos_base, k_rel, v_rel, start_n, offs_n, offs_d,
-                                    ref, slope2, qk_scale, stride_kn, stride_vn, stride_pn, K_LEN,
+        s, k, v = _key_block_scores(q, k_base, v_base, pos_ptrs, k_rel, v_rel, start_n, offs_n, offs_d,
+                                    ref, slope2, qk_scale, stride_kn, stride_vn, K_LEN,
                                     HEAD_DIM, BLOCK_D, HAS_MASK, MASK_KEYS, DOT_PRECISION)
+        pos_ptrs += BLOCK_N * stride_pn
         if DIAGONAL:
             # query i sits at key position key_off + i; this also hides keys >= K_LEN from real rows
             s = tl.where(key_off + offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -240,7 +282,7 @@ def _attn_fwd_kernel(
     stride_pb, stride_pn,
     stride_ob, stride_oh, stride_om, stride_od,
     qk_scale,  # scale * log2(e)
-    NUM_HEADS, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,
+    NUM_HEADS, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET, ALIGNED,  # the last three: autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -272,7 +314,7 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # stage 1: key blocks every query of this block sees in full (all inside [0, K_LEN))
-    diag_lo = (key_off + q0) // BLOCK_N * BLOCK_N
+    diag_lo = tl.maximum(key_off + q0, 0) // BLOCK_N * BLOCK_N  # >= 0 provably (see _fwd_inner)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, pos_base, k_rel, v_rel, offs_m,
                                offs_n0, offs_d, 0, diag_lo, ref, slope2, qk_scale, stride_kn,
                                stride_vn, stride_pn, key_off, K_LEN, HEAD_DIM, BLOCK_D, HAS_MASK,
@@ -379,7 +421,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     scale, qk_scale,
-    NUM_HEADS, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,
+    NUM_HEADS, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET, ALIGNED,  # the last three: autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -399,7 +441,7 @@ def _attn_bwd_dkdv_kernel(
                    offs_d, not EVEN_N, HEAD_DIM, BLOCK_D)
     v = _load_tile(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, offs_n, K_LEN,
                    offs_d, not EVEN_N, HEAD_DIM, BLOCK_D)
-    pos = _key_pos(pos_ptr + off_b * stride_pb, stride_pn, offs_n, K_LEN, HAS_MASK, not EVEN_N)
+    pos = _key_pos(pos_ptr + off_b * stride_pb + offs_n * stride_pn, offs_n, K_LEN, HAS_MASK, not EVEN_N)
     slope2 = tl.load(slopes_ptr + off_h) * 1.4426950408889634
     q_base = q_ptr + off_b * stride_qb + off_h * stride_qh
     do_base = do_ptr + off_b * stride_db + off_h * stride_dh
@@ -412,7 +454,7 @@ def _attn_bwd_dkdv_kernel(
     # (no causal mask needed): i >= start_n + BLOCK_N - 1 - key_off
     m_lo = tl.maximum(start_n - key_off, 0) // BLOCK_M * BLOCK_M
     m_mid = (tl.maximum(start_n + BLOCK_N - 1 - key_off, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    m_mid = tl.minimum(m_mid, (Q_LEN + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
+    m_mid = tl.maximum(tl.minimum(m_mid, (Q_LEN + BLOCK_M - 1) // BLOCK_M * BLOCK_M), 0)  # provably >= 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_inner(dk, dv, k, v, pos, q_base, do_base, q_rel, do_rel, lse_base, delta_base,
@@ -443,11 +485,14 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, pos_base, k_rel, v_rel, off
               DIAGONAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate dQ of one query block over key blocks [lo, hi); lse is relative to ref."""
     MASK_KEYS: tl.constexpr = DIAGONAL and not EVEN_N
-    for start_n in range(lo, hi, offs_n0.shape[0]):
+    BLOCK_N: tl.constexpr = offs_n0.shape[0]
+    pos_ptrs = pos_base + (lo + offs_n0) * stride_pn  # advanced per block, as in _fwd_inner
+    for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + offs_n0
-        s, k, v = _key_block_scores(q, k_base, v_base, pos_base, k_rel, v_rel, start_n, offs_n, offs_d,
-                                    ref, slope2, qk_scale, stride_kn, stride_vn, stride_pn, K_LEN,
+        s, k, v = _key_block_scores(q, k_base, v_base, pos_ptrs, k_rel, v_rel, start_n, offs_n, offs_d,
+                                    ref, slope2, qk_scale, stride_kn, stride_vn, K_LEN,
                                     HEAD_DIM, BLOCK_D, HAS_MASK, MASK_KEYS, DOT_PRECISION)
+        pos_ptrs += BLOCK_N * stride_pn
         p = tl.math.exp2(s - lse[:, None])
         if DIAGONAL:
             p = tl.where(key_off + offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -473,7 +518,7 @@ def _attn_bwd_dq_kernel(
     stride_pb, stride_pn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     scale, qk_scale,
-    NUM_HEADS, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET,
+    NUM_HEADS, Q_LEN, K_LEN, Q_BUCKET, K_BUCKET, ALIGNED,  # the last three: autotune key only
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -511,7 +556,7 @@ def _attn_bwd_dq_kernel(
     v_rel = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    diag_lo = (key_off + q0) // BLOCK_N * BLOCK_N
+    diag_lo = tl.maximum(key_off + q0, 0) // BLOCK_N * BLOCK_N  # >= 0 provably (see _fwd_inner)
     diag_hi = tl.minimum(key_off + q0 + BLOCK_M, K_LEN)
     dq = _dq_inner(dq, q, do, lse, delta, k_base, v_base, pos_base, k_rel, v_rel, offs_m, offs_n0,
                    offs_d, 0, diag_lo, ref, slope2, qk_scale, stride_kn, stride_vn, stride_pn, key_off,
@@ -568,7 +613,7 @@ def _forward(q, k, v, slopes, positions, scale):
         _attn_fwd_kernel[grid](
             q, k, v, slopes, pos, out, lse,
             *q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn, *out.stride(),
-            scale * LOG2E, heads, q_len, k_len, _bucket(q_len), _bucket(k_len),
+            scale * LOG2E, heads, q_len, k_len, *_key_lengths(q_len, k_len),
             HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), HAS_MASK=has_mask,
             DOT_PRECISION=_dot_precision(q.dtype),
         )
@@ -595,7 +640,7 @@ def _backward(grad_out, q, k, v, out, lse, slopes, positions, scale):
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m,
         )
         shared = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), stride_pb, stride_pn)
-        sizes = (scale, scale * LOG2E, heads, q_len, k_len, _bucket(q_len), _bucket(k_len))
+        sizes = (scale, scale * LOG2E, heads, q_len, k_len, *_key_lengths(q_len, k_len))
         grid_kv = lambda meta: (triton.cdiv(k_len, meta["BLOCK_N"]), heads, batch)
         _attn_bwd_dkdv_kernel[grid_kv](
             q, k, v, grad_out, slopes, pos, lse, delta, dk, dv,

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import sm_count
+from ._launch import gpu_spec, sm_count, smem_per_block, triton_interpreting
 
 SMALL_M_MAX = 16  # rows handled by the streaming (decode) path by default
 TUNE_ENV = "BLOOM_KERNELS_INT8_TUNE"
@@ -224,7 +224,7 @@ def _default_config(path: str, m: int, n: int, k: int, device: torch.device,
                     dtype: torch.dtype = torch.bfloat16) -> Int8MatmulConfig:
     """The config used without timing (interpreter, fp32, CUDA-graph capture, tuning off)."""
     sms = _sm_count(device)
-    if device.type != "cuda":  # interpreter: small tiles, it is slow
+    if gpu_spec(device) is None:  # interpreter: small tiles, it is slow
         if path == "small":
             return _cfg(m, n, k, 16, 16, 32, 4, 1, sms, waves=2, stream=True)
         return Int8MatmulConfig(16, 32, 32, group_m=2)
@@ -274,7 +274,7 @@ def _candidates(path: str, m: int, n: int, k: int, device: torch.device) -> list
                 out.append(_cfg(m, n, k, bm, bn, bk, warps, stages, sms, waves=2))
     kept = []
     for c in out:
-        if c not in kept and _smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages) <= 220 * 1024:
+        if c not in kept and _smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages) <= smem_per_block(device):
             kept.append(c)
     return kept or [_default_config(path, m, n, k, device)]
 
@@ -327,10 +327,10 @@ def _empty(shape, dtype, device) -> Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _dot_dtype(dtype: torch.dtype, device: torch.device):
+def _dot_dtype(dtype: torch.dtype):
     if dtype == torch.float16:
         return tl.float16
-    if dtype == torch.bfloat16 and device.type == "cuda":
+    if dtype == torch.bfloat16 and not triton_interpreting():
         return tl.bfloat16
     return tl.float32  # fp32 x; or bf16 in the interpreter, whose bf16 dot is broken (exact in fp32)
 
@@ -348,7 +348,7 @@ def _launch(x2: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, cfg:
     target = out if split == 1 else _empty((split, m, n), torch.float32, x2.device)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
-    dot_dtype = _dot_dtype(x2.dtype, x2.device)
+    dot_dtype = _dot_dtype(x2.dtype)
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     _int8_matmul_kernel[grid](
         x2, weight, scale, bias_arg, target,

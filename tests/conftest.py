@@ -34,3 +34,8 @@ def force_triton(monkeypatch):
 @pytest.fixture
 def force_reference(monkeypatch):
     monkeypatch.setenv("BLOOM_KERNELS_BACKEND", "reference")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--compile-full", action="store_true", default=False,
+                     help="test_compile_targets: compile the full sweep (every BLOOM model, bf16 and fp16)")
