@@ -1,24 +1,124 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one call: correctness first (the `gpu` tests: bf16/fp16 at BLOOM sizes,
-# torch.compile, CUDA graphs), then every benchmark with its peers in the same process.
-# Results (logs, csv tables, png plots) go to $OUT (default bench/out).
+# Everything GPU-side in one command, every result under one folder:
 #
-#   PYTHONPATH=. OUT=/some/dir bash bench/gpu_check.sh
+#   PYTHONPATH=. OUT=/some/dir bash bench/gpu_check.sh          (default OUT: bench/out/<date>-<gpu>)
+#
+#  1. install what the benchmarks need (pyproject's `bench` extra: matplotlib, pandas) when missing;
+#     without a network that fails, says so, and the run goes on (no matplotlib: tables without plots)
+#  2. the GPU tests (pytest -m gpu: bf16/fp16 at BLOOM sizes, torch.compile, CUDA graphs)
+#  3. pre-tune bloom-560m (python -m bloom_kernels.tune), then once more: the second run must find
+#     every key in the disk caches (its table says "0 keys tuned")
+#  4. every benchmark (each kernel against its peers, then end-to-end generation)
+# (The ahead-of-time sm_80/sm_90 compile check needs no GPU: CI runs it, device time is not spent on it.)
+#
+# $OUT holds env.txt (GPU, versions), one log per step, gpu_tests.xml (junit),
+# bench_<op>/ (csv tables, png plots, results.html) and summary.txt: each step, its exit status, its
+# seconds and its log. The script exits 1 if any step failed (the later steps still run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-bench/out}
-mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:-.}
+PYTHON=${PYTHON:-python}
+
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1)
+gpu_name=$(printf '%s' "${gpu_name:-nogpu}" | tr -cs 'A-Za-z0-9._-' '-' | sed 's/-*$//')
+OUT=${OUT:-bench/out/$(date +%Y%m%d-%H%M%S)-$gpu_name}
+mkdir -p "$OUT"
+SUMMARY="$OUT/summary.txt"
+printf '%-26s %-6s %8s  %s\n' step exit seconds log > "$SUMMARY"
 status=0
 
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1 || true
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" >> "$OUT/gpu.txt"
+# step NAME LOG CMD...: run CMD, its output shown and kept in $OUT/LOG; one line of summary.txt
+step() {
+    local name=$1 log=$2 began=$SECONDS rc
+    shift 2
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$log"
+    rc=${PIPESTATUS[0]}
+    printf '%-26s %-6s %8d  %s\n' "$name" "$rc" $((SECONDS - began)) "$log" >> "$SUMMARY"
+    [ "$rc" -eq 0 ] || status=1
+}
 
-python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" || status=1
+{
+    nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv 2>&1
+    "$PYTHON" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
+'triton', triton.__version__, 'cuda', torch.version.cuda)" 2>&1
+} > "$OUT/env.txt"
 
+# 1. the `bench` extra of pyproject.toml (read from it; matplotlib and pandas if it cannot be read)
+bench_packages=$("$PYTHON" - <<'EOF' 2>/dev/null || echo "matplotlib pandas"
+import tomllib
+with open("pyproject.toml", "rb") as f:
+    print(" ".join(tomllib.load(f)["project"]["optional-dependencies"]["bench"]))
+EOF
+)
+install_bench_extra() {
+    if "$PYTHON" -c "import matplotlib, pandas" 2>/dev/null; then
+        echo "already installed: $bench_packages"
+        return 0
+    fi
+    # shellcheck disable=SC2086  # one word per package
+    "$PYTHON" -m pip install --disable-pip-version-check --retries 0 --timeout 20 $bench_packages && return 0
+    echo "WARNING: could not install $bench_packages (no network?). Without pandas the benchmarks" \
+         "cannot make their tables (triton.testing.perf_report needs it); without matplotlib they write" \
+         "their tables without plots."
+    return 1
+}
+step install-bench-extra install.txt install_bench_extra
+"$PYTHON" - >> "$OUT/env.txt" 2>&1 <<'EOF'
+import importlib
+for name in ("matplotlib", "pandas"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except ImportError:
+        print(name, "not installed")
+EOF
+
+# Without matplotlib: a stand-in package whose every call does nothing, found first on the
+# benchmarks' path. triton.testing's perf_report imports matplotlib.pyplot before it writes its
+# tables (pandas), so with it the benchmarks still write their csv tables, just no png plots.
+bench_path=$PYTHONPATH
+if ! "$PYTHON" -c "import matplotlib.pyplot" 2>/dev/null; then
+    no_plots=$(mktemp -d)
+    trap 'rm -rf "$no_plots"' EXIT
+    mkdir -p "$no_plots/matplotlib"
+    printf '"""Stand-in written by bench/gpu_check.sh: matplotlib is not installed; no plots."""\n' \
+        > "$no_plots/matplotlib/__init__.py"
+    cat > "$no_plots/matplotlib/pyplot.py" <<'EOF'
+"""Stand-in for matplotlib.pyplot (bench/gpu_check.sh): every name is a no-op that returns itself."""
+
+
+class _Nothing:
+    def __getattr__(self, name):
+        return self
+
+    def __call__(self, *args, **kwargs):
+        return self
+
+
+def __getattr__(name):
+    return _Nothing()
+EOF
+    bench_path="$no_plots:$PYTHONPATH"
+    echo "matplotlib missing: benchmarks write tables without plots" | tee -a "$OUT/env.txt"
+fi
+
+# 2. correctness first
+step gpu-tests gpu_tests.txt \
+    "$PYTHON" -m pytest -q -m gpu tests -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml"
+
+# 3. pre-tune (the benchmarks then time kernels, not tuning), and check the disk cache
+step tune-bloom-560m tune_bloom-560m.txt "$PYTHON" -m bloom_kernels.tune --model bloom-560m
+step tune-bloom-560m-again tune_bloom-560m_again.txt "$PYTHON" -m bloom_kernels.tune --model bloom-560m
+
+# 4. every benchmark, each into its own folder (Triton's perf_report rewrites results.html per run)
 for op in bias_gelu layer_norm attention int8_linear; do
-    python "bench/bench_$op.py" --out "$OUT" 2>&1 | tee "$OUT/bench_$op.txt" || status=1
+    mkdir -p "$OUT/bench_$op"
+    step "bench-$op" "bench_$op.txt" env PYTHONPATH="$bench_path" "$PYTHON" "bench/bench_$op.py" --out "$OUT/bench_$op"
 done
-python bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m 2>&1 \
-    | tee "$OUT/bench_generate.txt" || status=1
+step bench-generate bench_generate.txt \
+    env PYTHONPATH="$bench_path" "$PYTHON" bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m
+
+echo
+cat "$SUMMARY"
+echo "all results in $OUT"
 exit $status

@@ -2,6 +2,8 @@
 
     bloom generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                    [--repetition-penalty R] [--seed S] [--device D] [--dtype bf16|fp16|fp32] [--int8]
+    bloom tune --model NAME [--dtype bf16|fp16] [--batch B ...] [--seq S ...] [--max-new-tokens N]
+               [--backward] [--int8] [--dry-run]         (= python -m bloom_kernels.tune)
 
 Errors print one line on stderr and exit with status 1 (2 for bad command-line arguments).
 """
@@ -52,6 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     gen.add_argument("--local-files-only", action="store_true",
                      help="never download: use the local directory or the hub cache only")
+
+    from bloom_kernels import tune
+
+    tune_cmd = commands.add_parser(
+        "tune",
+        help="pre-tune the GPU kernels for a model's shapes (cached on disk)",
+        description=tune.__doc__.split("\n\n")[0] + " Same as python -m bloom_kernels.tune.",
+    )
+    tune.add_arguments(tune_cmd)
     return parser
 
 
@@ -97,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command == "tune":
+            from bloom_kernels import tune
+
+            return tune.run(args)
     except KeyboardInterrupt:
         print("\nbloom: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,5 @@
 """Small helpers shared by the kernel launchers: 2-D row views, autotune buckets, the GPU's SM count
-and shared memory (or those of a GPU planned for ahead of time)."""
+and shared memory (or those of a GPU planned for ahead of time). Tuning that persists is in _tuning.py."""
 
 from __future__ import annotations
 

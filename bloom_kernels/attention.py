@@ -45,6 +45,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import decode, reference
+from ._tuning import autotune
 from ._launch import gpu_spec, smem_per_block, triton_interpreting
 
 LOG2E = 1.4426950408889634
@@ -266,8 +267,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, pos_base, k_rel, v_rel, offs_m,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs(_FWD_CONFIGS, (32, 16)), key=_KEY,
-                 prune_configs_by={"early_config_prune": _prune_fwd}, cache_results=True)
+@autotune(configs=_configs(_FWD_CONFIGS, (32, 16)), key=_KEY,
+          prune_configs_by={"early_config_prune": _prune_fwd})
 @triton.heuristics(_EVEN)
 @triton.jit
 def _attn_fwd_kernel(
@@ -404,8 +405,8 @@ def _dkdv_inner(dk, dv, k, v, pos, q_base, do_base, q_rel, do_rel, lse_base, del
     return dk, dv
 
 
-@triton.autotune(configs=_configs(_DKDV_CONFIGS, (16, 32)), key=_KEY,
-                 prune_configs_by={"early_config_prune": _prune_dkdv}, cache_results=True)
+@autotune(configs=_configs(_DKDV_CONFIGS, (16, 32)), key=_KEY,
+          prune_configs_by={"early_config_prune": _prune_dkdv})
 @triton.heuristics(_EVEN)
 @triton.jit
 def _attn_bwd_dkdv_kernel(
@@ -502,8 +503,8 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, pos_base, k_rel, v_rel, off
     return dq
 
 
-@triton.autotune(configs=_configs(_DQ_CONFIGS, (32, 16)), key=_KEY,
-                 prune_configs_by={"early_config_prune": _prune_dq}, cache_results=True)
+@autotune(configs=_configs(_DQ_CONFIGS, (32, 16)), key=_KEY,
+          prune_configs_by={"early_config_prune": _prune_dq})
 @triton.heuristics(_EVEN)
 @triton.jit
 def _attn_bwd_dq_kernel(

@@ -34,6 +34,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import reference
+from ._tuning import autotune
 from ._launch import row_bucket, rows_2d, sm_count, triton_interpreting
 
 MAX_N = 65_536  # longest row the op accepts (BLOOM-176B's MLP width is 57,344)
@@ -66,8 +67,8 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_N"])]
 
 
-@triton.autotune(configs=_configs(backward=False), key=["N", "M_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune})
+@autotune(configs=_configs(backward=False), key=["N", "M_BUCKET"],
+          prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({
     "EVEN_M": lambda a: a["M"] % a["BLOCK_M"] == 0,
     "EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0,
@@ -103,8 +104,8 @@ def _bias_gelu_fwd_kernel(
         tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_configs(backward=True), key=["N", "M_BUCKET"],
-                 prune_configs_by={"early_config_prune": _prune})
+@autotune(configs=_configs(backward=True), key=["N", "M_BUCKET"],
+          prune_configs_by={"early_config_prune": _prune})
 @triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BLOCK_N"] == 0})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _bias_gelu_bwd_kernel(

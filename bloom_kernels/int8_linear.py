@@ -50,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import gpu_spec, sm_count, smem_per_block, triton_interpreting
+from ._tuning import gpu_identity, note_tuning, short_hash, tuning_cache, tuning_key
 
 SMALL_M_MAX = 16  # rows handled by the streaming (decode) path by default
 TUNE_ENV = "BLOOM_KERNELS_INT8_TUNE"
@@ -279,6 +280,11 @@ def _candidates(path: str, m: int, n: int, k: int, device: torch.device) -> list
     return kept or [_default_config(path, m, n, k, device)]
 
 
+# This process's picks, by (path, scale_on_k, device index, dtype, M bucket, N, K, bias, weight layout).
+# Timed picks are also kept on disk across processes, in _tuning.tuning_cache("int8_linear")
+# (~/.cache/bloom_kernels/int8_linear.json; BLOOM_KERNELS_CACHE_DIR moves it), keyed by _tuning.tuning_key:
+# the GPU's name and capability, the Triton version, then the fields of the key above and a hash of the
+# candidate list (a changed list re-times).
 _TUNED: dict[tuple, Int8MatmulConfig] = {}
 
 
@@ -292,7 +298,9 @@ def _m_bucket(m: int) -> int:
 
 def _pick_config(path: str, x2: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None,
                  scale_on_k: bool = False) -> Int8MatmulConfig:
-    """The tuned config of this key (timing the candidates on its first call), else the default."""
+    """The tuned config of this key (from memory, else from the disk cache, else by timing the
+    candidates on its first call, with a one-line note), else the default."""
+
     m, k = x2.shape
     n = weight.shape[0]
     device = x2.device
@@ -302,11 +310,28 @@ def _pick_config(path: str, x2: Tensor, weight: Tensor, scale: Tensor, bias: Ten
     key = (path, scale_on_k, _device_index(device), x2.dtype, _m_bucket(m), n, k, bias is not None,
            weight.stride(1) == 1)
     cfg = _TUNED.get(key)
-    if cfg is None:
+    if cfg is not None:
+        return cfg
+    candidates = _candidates(path, m, n, k, device)
+    dtype = str(x2.dtype).removeprefix("torch.")
+    disk_key = tuning_key(device, dtype=dtype, path=path, problem="dx" if scale_on_k else "y",
+                          m_bucket=_m_bucket(m), n=n, k=k, bias=bias is not None,
+                          weight_k_contiguous=weight.stride(1) == 1, candidates=short_hash(repr(candidates)))
+    disk = tuning_cache("int8_linear")
+    stored = disk.get(disk_key)
+    try:
+        cfg = Int8MatmulConfig(**stored) if isinstance(stored, dict) else None
+    except TypeError:  # an entry of other fields (another version of this file): time again
+        cfg = None
+    if cfg not in candidates:
         if torch.cuda.is_current_stream_capturing():  # timing would synchronise inside the capture
             return _default_config(path, m, n, k, device, x2.dtype)
+        what = f"int8_linear ({'dx' if scale_on_k else 'y'}, {path} path)"
+        bias_text = ", bias" if bias is not None else ""
+        note_tuning(what, f"(M bucket {_m_bucket(m)}, N {n}, K {k}, {dtype}{bias_text})",
+                    gpu_identity(device), str(disk.path))
         best, best_ms = None, float("inf")
-        for cand in _candidates(path, m, n, k, device):
+        for cand in candidates:
             try:
                 ms = triton.testing.do_bench(
                     lambda c=cand: _launch(x2, weight, scale, bias, c, scale_on_k=scale_on_k), warmup=5,
@@ -315,7 +340,10 @@ def _pick_config(path: str, x2: Tensor, weight: Tensor, scale: Tensor, bias: Ten
                 continue
             if ms < best_ms:
                 best, best_ms = cand, ms
-        cfg = _TUNED[key] = best or _default_config(path, m, n, k, device, x2.dtype)
+        if best is not None:
+            disk.put(disk_key, dict(vars(best)))
+        cfg = best or _default_config(path, m, n, k, device, x2.dtype)
+    _TUNED[key] = cfg
     return cfg
 
 

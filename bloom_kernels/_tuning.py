@@ -1,0 +1,279 @@
+"""Tuning that persists, shared by the two tuners of this package: Triton's autotuner
+(`autotune`, a drop-in for `triton.autotune` used by the kernel decorators) and int8_linear's own tuner
+(which times whole launches and stores its picks in a `TuningCache`). Both cache their results on disk
+across processes, keyed by the GPU (name and compute capability), the Triton version, the dtypes and the
+key values, and both print ONE line to stderr the first time this process times a key that is not on
+disk, e.g.
+
+    bloom_kernels: tuning _attn_fwd_kernel for (Q_BUCKET=2048, ..., bfloat16/float32) on NVIDIA H100
+    80GB HBM3 sm_90 (once; cached in ~/.triton/cache)
+
+    BLOOM_KERNELS_TUNE_QUIET=1        no note
+    BLOOM_KERNELS_CACHE_DIR=DIR       where int8_linear's picks live (default ~/.cache/bloom_kernels, or
+                                      $XDG_CACHE_HOME/bloom_kernels); Triton's autotuner results live in
+                                      Triton's cache (TRITON_CACHE_DIR, default ~/.triton/cache)
+
+The note is a plain `print` to stderr, not `logging` or `warnings`: INFO records are dropped unless the
+application configures logging (the user would never see it), and a warning says something is wrong,
+which tuning is not (under `-W error` or pytest's warnings-as-errors it would even abort the call).
+stderr keeps it out of stdout, where `bloom generate` streams the text. Pre-tune with
+`python -m bloom_kernels.tune --model bloom-7b1` (or `bloom tune ...`) to pay the cost ahead of time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import inspect
+import json
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+import triton
+from triton import knobs
+from triton.runtime.autotuner import Autotuner, Config
+
+from ._launch import gpu_spec
+
+# --------------------------------------------------------------------------------------------------
+# Tuning that persists: the cache folder, the GPU identity, the one-line note, JSON files, and
+# Triton's autotuner with all of them (see the module docstring)
+# --------------------------------------------------------------------------------------------------
+QUIET_ENV = "BLOOM_KERNELS_TUNE_QUIET"
+CACHE_DIR_ENV = "BLOOM_KERNELS_CACHE_DIR"
+
+# (what, key) of every key this process has timed, in order, printed or not: `python -m
+# bloom_kernels.tune` reads it to report what each call tuned.
+tuning_events: list[tuple[str, str]] = []
+_noted: set[tuple[str, str, str]] = set()
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def _short(path) -> str:
+    """A path for humans: the home folder as ~."""
+    text, home = str(path), os.path.expanduser("~")
+    return "~" + text[len(home):] if home not in ("", "/") and (text + "/").startswith(home + "/") else text
+
+
+def tune_cache_dir() -> Path:
+    """The folder of bloom_kernels' own tuning results: $BLOOM_KERNELS_CACHE_DIR, else
+    $XDG_CACHE_HOME/bloom_kernels, else ~/.cache/bloom_kernels (read on every call)."""
+    explicit = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "bloom_kernels"
+
+
+def gpu_identity(device: torch.device | None = None) -> str:
+    """The GPU tuning results belong to, as '<device name> sm_<capability>' (e.g. 'NVIDIA H100 80GB HBM3
+    sm_90'): the given CUDA device, else the current one; 'cpu' where there is none."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return "cpu"
+        device = torch.device("cuda")
+    spec = gpu_spec(device)
+    return "cpu" if spec is None else f"{spec.name} sm_{spec.capability}"
+
+
+def tuning_key(device: torch.device | None = None, **fields) -> str:
+    """A disk-cache key: the GPU (gpu_identity), the Triton version, then `fields` in the given order,
+    as one readable string 'gpu=...|triton=...|name=value|...'."""
+    parts = {"gpu": gpu_identity(device), "triton": triton.__version__, **fields}
+    return "|".join(f"{name}={value}" for name, value in parts.items())
+
+
+def short_hash(text: str) -> str:
+    """12 hex digits of sha256(text): a compact stand-in for a long key part (a candidate list)."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def note_tuning(what: str, key: str, gpu: str, cache: str) -> bool:
+    """Print one line to stderr the first time this process times `key` of `what` on `gpu` (results
+    cached in `cache`); nothing with BLOOM_KERNELS_TUNE_QUIET=1. Returns whether this was the first."""
+    if (what, key, gpu) in _noted:
+        return False
+    _noted.add((what, key, gpu))
+    tuning_events.append((what, key))
+    if not _flag(QUIET_ENV):
+        print(f"bloom_kernels: tuning {what} for {key} on {gpu} (once; cached in {_short(cache)})",
+              file=sys.stderr, flush=True)
+    return True
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def load_json(path) -> dict:
+    """The JSON object in `path`; {} if there is no file. An unreadable or corrupt file (not JSON, not
+    an object) is ignored with a RuntimeWarning, never an error: tuning results are only a cache."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, NotADirectoryError):  # not written yet (or cannot be: save_json says so)
+        return {}
+    except OSError as err:
+        _warn_once(f"bloom_kernels: ignoring the tuning cache {path}: cannot read it ({err})")
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as err:
+        _warn_once(f"bloom_kernels: ignoring the tuning cache {path}: not valid JSON ({err}); it will be "
+                   "rewritten")
+        return {}
+    if not isinstance(data, dict):
+        _warn_once(f"bloom_kernels: ignoring the tuning cache {path}: expected a JSON object, found "
+                   f"{type(data).__name__}; it will be rewritten")
+        return {}
+    return data
+
+
+def save_json(path, data: dict) -> bool:
+    """Write `data` to `path` atomically (a temporary file in the same folder, then os.replace), so a
+    reader never sees half a file. An unwritable folder warns and returns False: tuning goes on."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+        return True
+    except OSError as err:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        _warn_once(f"bloom_kernels: cannot write the tuning cache {path} ({err}); results stay in memory")
+        return False
+
+
+class TuningCache:
+    """{key: JSON value} in one file under tune_cache_dir(): read once, lazily (again if the folder
+    changes); `put` merges into what is on disk now (another process may have added keys) and
+    rewrites the file atomically."""
+
+    def __init__(self, filename: str):
+        self.filename = filename
+        self._entries: dict | None = None
+        self._loaded_from: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        return tune_cache_dir() / self.filename
+
+    def _load(self) -> dict:
+        path = self.path
+        if self._entries is None or self._loaded_from != path:
+            self._entries, self._loaded_from = load_json(path), path
+        return self._entries
+
+    def get(self, key: str):
+        return self._load().get(key)
+
+    def put(self, key: str, value) -> None:
+        merged = {**self._load(), **load_json(self.path), key: value}
+        self._entries = merged
+        save_json(self.path, merged)
+
+
+@functools.cache
+def tuning_cache(name: str) -> TuningCache:
+    """The process-wide TuningCache of one tuner, in the file <name>.json."""
+    return TuningCache(f"{name}.json")
+
+
+# Triton's autotuner ----------------------------------------------------------------------------------
+_CONFIG_FIELDS = frozenset(inspect.signature(Config.__init__).parameters) - {"self"}
+
+
+def _plain_config(config: Config) -> Config:
+    """The same config without attributes a kernel hangs on it for its pruner (attention.py's arch,
+    tiles, masked_tiles): Triton 3.6 writes config.__dict__ to its cache file and reads it back with
+    Config(**fields), which fails on any such extra attribute."""
+    return Config(**{k: v for k, v in vars(config).items() if k in _CONFIG_FIELDS})
+
+
+class CachingAutotuner(Autotuner):
+    """triton.runtime.autotuner.Autotuner with its disk cache always on, keyed also by the GPU's name,
+    and the one-line note when a key is timed. Only `check_disk_cache` (called by Autotuner.run on an
+    in-memory miss when caching is on; it times the configs only when the key is not on disk) is
+    overridden; what is timed, kept and launched is Triton's.
+
+    Triton 3.6's own disk key (Autotuner.check_disk_cache) is sha256 of: triton_key() (the Triton
+    version and hashes of its compiler sources and libtriton), the backend hash (ptxas version and the
+    target arch, e.g. 90: the capability but not the card), the kernel's source hash (fn.cache_key),
+    the cache-invalidating env vars, the tuning key (the values of `key`'s arguments, then str(dtype)
+    of EVERY tensor argument), and str() of each pruned config. This class adds gpu_identity() (the
+    device name) to the tuning key before it is hashed, so two cards of one architecture (H100 PCIe,
+    H100 SXM, H200) keep their own results. Files: <Triton cache dir>/<hash>/<kernel>.autotune.json.
+    """
+
+    def __init__(self, *args, **kwargs):
+        kwargs["cache_results"] = True  # Autotuner still turns it off when TRITON_INTERPRET=1
+        super().__init__(*args, **kwargs)
+
+    def _describe(self, tuning_key: tuple) -> str:
+        names = list(self.keys)[:len(tuning_key)]
+        parts = [f"{name}={value}" for name, value in zip(names, tuning_key)]
+        dtypes = sorted({str(v).removeprefix("torch.") for v in tuning_key[len(names):]})
+        return "(" + ", ".join(parts + (["/".join(dtypes)] if dtypes else [])) + ")"
+
+    def check_disk_cache(self, tuning_key, configs, bench_fn):
+        if len(configs) == 1:  # nothing to choose: no timing, no file, no note
+            self.cache[tuning_key] = configs[0]
+            return True
+        gpu = gpu_identity()
+        disk_key = (*tuning_key, gpu)
+        benched = False
+
+        def bench_and_note():
+            nonlocal benched
+            benched = True
+            note_tuning(self.base_fn.__name__, self._describe(tuning_key), gpu, knobs.cache.dir)
+            bench_fn()  # Autotuner.run's closure: times, sets self.cache[tuning_key], self.configs_timings
+            self.configs_timings = {_plain_config(c): t for c, t in self.configs_timings.items()}
+
+        try:
+            found = super().check_disk_cache(disk_key, configs, bench_and_note)
+        except Exception as err:  # noqa: BLE001 - a cache file Triton cannot read or write
+            if benched and tuning_key not in self.cache:
+                raise  # the timing itself failed: not a cache problem
+            _warn_once(f"bloom_kernels: autotune cache of {self.base_fn.__name__} unusable "
+                       f"({type(err).__name__}: {err}); tuning in memory")
+            if tuning_key not in self.cache:
+                bench_and_note()
+            return False
+        if found:  # Triton stored the cached pick under the key it was given
+            self.cache[tuning_key] = self.cache.pop(disk_key)
+        return found
+
+
+def autotune(configs, key, prune_configs_by=None, reset_to_zero=None, restore_value=None, pre_hook=None,
+             post_hook=None, warmup=None, rep=None, use_cuda_graph=False, do_bench=None, cache_results=True):
+    """Drop-in for `triton.autotune` (same arguments): a `CachingAutotuner`, so results are always
+    cached on disk across processes (`cache_results` is accepted and ignored), keyed also by the GPU's
+    name, with a one-line note on stderr the first time a key is timed. In the interpreter
+    (TRITON_INTERPRET=1) nothing is cached; with one config nothing is timed."""
+    del cache_results
+
+    def decorator(fn):
+        return CachingAutotuner(fn, fn.arg_names, configs, key, reset_to_zero, restore_value, pre_hook=pre_hook,
+                                post_hook=post_hook, prune_configs_by=prune_configs_by, warmup=warmup, rep=rep,
+                                use_cuda_graph=use_cuda_graph, do_bench=do_bench)
+
+    return decorator
