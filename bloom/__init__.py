@@ -8,7 +8,7 @@ from .model import BloomForCausalLM, BloomModel
 from .pretrained import BloomPreTrainedModel
 from .quantization import Int8Linear, quantize_int8
 from .streaming import TextStreamer
-from .tokenizer import BatchEncoding, BloomTokenizerFast
+from .tokenization import BatchEncoding, BloomTokenizerFast
 
 __all__ = [
     "BatchEncoding",

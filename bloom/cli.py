@@ -71,7 +71,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     from .model import BloomForCausalLM
     from .streaming import TextStreamer
-    from .tokenizer import BloomTokenizerFast
+    from .tokenization import BloomTokenizerFast
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
