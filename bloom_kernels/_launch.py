@@ -14,7 +14,7 @@ from torch import Tensor
 from ._dispatch import triton_interpreting
 
 __all__ = ["triton_interpreting", "rows_2d", "row_bucket", "GpuSpec", "planning_for", "gpu_spec", "sm_count",
-           "smem_per_block"]
+           "smem_per_block", "config_arch"]
 
 
 def rows_2d(t: Tensor, n: int) -> Tensor:
@@ -80,3 +80,10 @@ def smem_per_block(device: torch.device) -> int:
     """Shared memory one program may use on this device (no limit in the CPU interpreter)."""
     spec = gpu_spec(device)
     return 1 << 30 if spec is None else spec.smem_per_block
+
+
+def config_arch(device: torch.device) -> int:
+    """Which rows of a per-architecture config table a device takes: 90 for Hopper and newer (wgmma),
+    80 for Ampere and Ada (mma.sync) and for the CPU interpreter."""
+    spec = gpu_spec(device)
+    return 90 if spec is not None and spec.capability >= 90 else 80

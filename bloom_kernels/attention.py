@@ -46,7 +46,7 @@ from torch import Tensor
 
 from . import decode, reference
 from ._tuning import autotune
-from ._launch import gpu_spec, smem_per_block, triton_interpreting
+from ._launch import config_arch, smem_per_block, triton_interpreting
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 128
@@ -123,12 +123,6 @@ _DQ_CONFIGS = {
 }
 
 
-def _arch(device: torch.device) -> int:
-    """Which config rows a device takes: 90 for Hopper and newer, 80 for Ampere/Ada (and the CPU)."""
-    spec = gpu_spec(device)
-    return 90 if spec is not None and spec.capability >= 90 else 80
-
-
 def _pruner(staged_elements):
     """Early config prune for one kernel: keep the rows of this device's architecture that run this
     BLOCK_D tile (masked or not) without spilling, are not much larger than the problem, and whose
@@ -141,7 +135,7 @@ def _pruner(staged_elements):
         args = {**named_args, **kwargs}
         q, block_d = args["q_ptr"], args["BLOCK_D"]
         limit = smem_per_block(q.device)
-        arch, tile = _arch(q.device), 64 if block_d <= 64 else 128
+        arch, tile = config_arch(q.device), 64 if block_d <= 64 else 128
         q_len, k_len = args["Q_LEN"], args["K_LEN"]
         q_cap, k_cap = max(64, triton.next_power_of_2(q_len)), max(64, triton.next_power_of_2(k_len))
         mine = [c for c in configs if c.arch == arch]

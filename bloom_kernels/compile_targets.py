@@ -133,23 +133,21 @@ def _attention_cases(model, dtype, seqs, batch=2):
                                 positions, head_dim ** -0.5))
 
 
-def _decode_cases(model, dtype, key_lens, batches, max_len=8192):
-    """One new token against a slice of a (B, H, max_len, D) KV cache; `key_lens` holds (length, with a
-    padding mask) pairs. Few rows split the keys over programs, many do not."""
+def _decode_cases(model, dtype, steps, max_len=8192):
+    """One new token against a slice of a (B, H, max_len, D) KV cache; `steps` holds (rows, key length,
+    with a padding mask) triples. Few rows split the keys over programs, many do not."""
     attention = _module("attention")
     heads, head_dim = model.heads, model.head_dim
     slopes = _meta(heads, dtype=torch.float32)
-    for batch in batches:
-        cache_k = _meta(batch, heads, max_len, head_dim, dtype=dtype)
+    for batch, key_len, masked in steps:
         q = _meta(batch, 1, heads, 3, head_dim, dtype=dtype)[:, :, :, 0].transpose(1, 2)
-        for key_len, masked in key_lens:
-            k = v = cache_k[:, :, :key_len]
-            positions = _meta(batch, key_len, dtype=torch.float32) if masked else None
-            yield f"decode B={batch} Sk={key_len} {'mask' if masked else 'no mask'}", lambda: attention._forward(
-                q, k, v, slopes, positions, head_dim ** -0.5)
+        k = v = _meta(batch, heads, max_len, head_dim, dtype=dtype)[:, :, :key_len]
+        positions = _meta(batch, key_len, dtype=torch.float32) if masked else None
+        yield f"decode B={batch} Sk={key_len} {'mask' if masked else 'no mask'}", lambda: attention._forward(
+            q, k, v, slopes, positions, head_dim ** -0.5)
 
 
-def _row_op_cases(model, dtype, token_counts):
+def _row_op_cases(model, dtype, token_counts, training_counts):
     """LayerNorm with the residual add (hidden) and bias-GeLU (4 x hidden), forward and backward."""
     bias_gelu, layer_norm = _module("bias_gelu"), _module("layer_norm")
     h, ffn = model.hidden, model.ffn
@@ -157,7 +155,7 @@ def _row_op_cases(model, dtype, token_counts):
     for m in token_counts:
         x, r = _meta(m, h, dtype=dtype), _meta(m, h, dtype=dtype)
         stats = _meta(m, dtype=torch.float32)
-        training = m > DECODE_TOKENS  # backward only where training runs: prefill-sized batches
+        training = m in training_counts  # backward only where training runs: prefill-sized batches
         yield f"layer_norm M={m}", lambda: (
             layer_norm._forward(x, w, b, 1e-5, r),
             training and layer_norm._backward(x, x, x, r, w, stats, stats, dtype),
@@ -167,7 +165,7 @@ def _row_op_cases(model, dtype, token_counts):
                                            training and bias_gelu._backward(xf, xf, _meta(ffn, dtype=dtype)))
 
 
-def _int8_cases(model, dtype, token_counts):
+def _int8_cases(model, dtype, token_counts, training_counts):
     """Every candidate config of the int8 tuner for BLOOM's four projections, forward and dx."""
     q8 = _module("int8_linear")
     h = model.hidden
@@ -181,7 +179,7 @@ def _int8_cases(model, dtype, token_counts):
             def run(x=x, dy=dy, weight=weight, scale=scale, bias=bias, path=path, m=m, n=n, k=k):
                 for cfg in q8._candidates(path, m, n, k, device):
                     q8._launch(x, weight, scale, bias, cfg)
-                if m > DECODE_TOKENS:  # dx: training
+                if m in training_counts:  # dx: training
                     for cfg in q8._candidates(path, m, k, n, device):
                         q8._launch(dy, weight.t(), scale, None, cfg, scale_on_k=True)
             yield f"int8 {path} M={m} N={n} K={k}", run
@@ -193,15 +191,19 @@ def plan(targets=(80, 90), models=DEFAULT_MODELS, dtypes=("bf16",), full=False) 
     Lengths: a multiple of every block (EVEN_M / EVEN_N) and one that divides none (masked tails),
     each with and without a padding mask in the full sweep; the subset pairs the even length without
     a mask and the odd one with it (the most registers). Decode: 1 row (the keys split over programs)
-    and 64 (no split). Token counts: 1 and 8 (decode), 1000 and 4096 (prefill).
+    and 64 (no split); the subset pairs the split with the even unmasked length and no split with the
+    odd masked one. Token counts: 1 and 8 (decode), 1000 and 4096 (prefill); the backward (training)
+    at every prefill count in the full sweep, at 1000 (rows that divide no block) in the subset.
     """
     if full:
         pairs = lambda lengths: [(n, masked) for n in lengths for masked in (False, True)]  # noqa: E731
-        seqs, key_lens = pairs((4096, 2048, 1000, 129)), pairs((8192, 4097, 1000, 129, 17))
-        batches, tokens = (1, 8, 64), (1, 3, 8, 16, 17, 64, 256, 1000, 4096, 8192)
+        seqs = pairs((4096, 2048, 1000, 129))
+        steps = [(b, n, masked) for b in (1, 8, 64) for n, masked in pairs((8192, 4097, 1000, 129, 17))]
+        tokens = (1, 3, 8, 16, 17, 64, 256, 1000, 4096, 8192)
+        training = tuple(m for m in tokens if m > DECODE_TOKENS)
     else:
-        seqs, key_lens = ((2048, False), (1000, True)), ((4096, False), (4097, True))
-        batches, tokens = (1, 64), (1, 8, 1000, 4096)
+        seqs, steps = ((2048, False), (1000, True)), ((1, 4096, False), (64, 4097, True))
+        tokens, training = (1, 8, 1000, 4096), (1000,)
     variants: dict[tuple, Variant] = {}
     for capability in targets:
         spec = TARGETS[capability]
@@ -210,9 +212,9 @@ def plan(targets=(80, 90), models=DEFAULT_MODELS, dtypes=("bf16",), full=False) 
             for dtype_name in dtypes:
                 dtype = DTYPES[dtype_name]
                 # each case runs before its generator moves on (the lambdas read the loop variables)
-                cases = itertools.chain(_attention_cases(model, dtype, seqs),
-                                        _decode_cases(model, dtype, key_lens, batches),
-                                        _row_op_cases(model, dtype, tokens), _int8_cases(model, dtype, tokens))
+                cases = itertools.chain(_attention_cases(model, dtype, seqs), _decode_cases(model, dtype, steps),
+                                        _row_op_cases(model, dtype, tokens, training),
+                                        _int8_cases(model, dtype, tokens, training))
                 log, case = [], [""]
                 with planning_for(spec):  # the pruners too must see the target, not this machine
                     with _recording_launches(log, case):

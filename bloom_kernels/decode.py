@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._tuning import autotune
 from ._launch import sm_count, triton_interpreting
 
 MAX_SPLITS = 64  # the combine holds (splits x BLOCK_D) fp32 in registers
@@ -33,12 +34,31 @@ MAX_SPLITS = 64  # the combine holds (splits x BLOCK_D) fp32 in registers
 def _decode_configs():
     if triton_interpreting():  # the interpreter cannot time configs: exactly one
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bn, w, s in [(32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3), (64, 8, 4)]]
+    # (BLOCK_N, warps, stages, where): None everywhere; False not on the tight key (head dim below
+    # BLOCK_D, i.e. masked columns, with a padding mask and one split), True only there. On the tight
+    # key BLOCK_N=128 w8 s3 spills 4 B (128 registers) on sm_80 and sm_90 and BLOCK_N=64 w8 s4 spills
+    # 4 B (80 registers) on sm_90 (ptxas, Triton 3.6, head dims 80 and 96, bf16 and fp16); one stage
+    # fewer does not: BLOCK_N=128 w8 s2 and BLOCK_N=64 w8 s3 take their place there.
+    rows = [(32, 4, 3, None), (64, 4, 3, None), (64, 4, 4, None), (128, 4, 3, None),
+            (128, 8, 3, False), (128, 8, 2, True), (64, 8, 4, False), (64, 8, 3, True)]
+    configs = []
+    for bn, w, s, tight in rows:
+        config = triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
+        config.tight = tight  # read by _prune_decode
+        configs.append(config)
+    return configs
 
 
-@triton.autotune(configs=_decode_configs(), key=["K_BUCKET", "HEAD_DIM", "HAS_MASK", "SPLIT"],
-                 cache_results=True)
+def _prune_decode(configs, named_args, **kwargs):
+    """Keep the configs of this key's kind (see _decode_configs); the key holds HEAD_DIM, HAS_MASK and
+    SPLIT, so every launch of a key keeps the same list."""
+    args = {**named_args, **kwargs}
+    tight = args["HEAD_DIM"] < args["BLOCK_D"] and bool(args["HAS_MASK"]) and not args["SPLIT"]
+    return [c for c in configs if getattr(c, "tight", None) in (None, tight)] or configs[:1]
+
+
+@autotune(configs=_decode_configs(), key=["K_BUCKET", "HEAD_DIM", "HAS_MASK", "SPLIT"],
+          prune_configs_by={"early_config_prune": _prune_decode})
 @triton.jit
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr,  # (B, H, Sq, D), (B, H, Sk, D), (B, H, Sk, D); any strides

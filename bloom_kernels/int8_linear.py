@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import gpu_spec, sm_count, smem_per_block, triton_interpreting
+from ._launch import config_arch, gpu_spec, sm_count, smem_per_block, triton_interpreting
 from ._tuning import gpu_identity, note_tuning, short_hash, tuning_cache, tuning_key
 
 SMALL_M_MAX = 16  # rows handled by the streaming (decode) path by default
@@ -237,7 +237,10 @@ def _default_config(path: str, m: int, n: int, k: int, device: torch.device,
         return _cfg(m, n, k, 16, 64, 128, 4, 4, sms, waves=4, stream=True)
     if m <= 256:
         return _cfg(m, n, k, 64, 64, 128, 4, 4, sms, waves=2)
-    return _cfg(m, n, k, 128, 128, 64, 4, 4, sms)
+    # sm_8x: 128x128x64 w4 s4 spills on sm_80 (20 B fwd with a masked M tail, 636-7,736 B dx; ptxas,
+    # Triton 3.6); 8 warps halve the accumulator per thread: 152-236 registers, no spill (_LARGE_TILES)
+    warps = 4 if config_arch(device) == 90 else 8
+    return _cfg(m, n, k, 128, 128, 64, warps, 4, sms)
 
 
 def _smem_bytes(bm: int, bn: int, bk: int, stages: int) -> int:
@@ -251,22 +254,43 @@ def _smem_bytes(bm: int, bn: int, bk: int, stages: int) -> int:
 # runs (each CTA's loop waits for its own wgmma), 8-warp 256-row tiles amortise the dequant instead.
 _SMALL_TILES = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 32, 256, 4, 4),
                 (64, 64, 128, 4, 4))
-_LARGE_TILES = ((128, 128, 64, 4, 4), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4), (64, 256, 64, 4, 3),
-                (64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                (128, 128, 128, 8, 3))
-_MID_TILES = ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 4, 4))  # 16 < M <= 256
+# Large tiles per architecture: 90 for Hopper and newer (wgmma; the tiles chosen above from the sm_90
+# SASS), 80 for Ampere and Ada (mma.sync: the operand fragments live in registers too). ptxas spills
+# most of the sm_90 tiles on sm_80 (Triton 3.6, compile_targets --full: every BLOOM shape, bf16 and
+# fp16), worst in dx (SCALE_ON_K: the weight tile is dequantised in fp32; the tuner's candidates serve
+# fwd and dx alike), so each is swapped for the closest tile that does not spill there, row by row
+# (before -> after: registers and spill-store bytes per thread on sm_80):
+_LARGE_TILES = {
+    90: ((128, 128, 64, 4, 4), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4), (64, 256, 64, 4, 3),
+         (64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+         (128, 128, 128, 8, 3)),
+    80: ((128, 128, 64, 8, 4),  # w4: 255 regs, 20 B fwd (masked M), 636-7,736 B dx -> w8: 152-236, none
+         (128, 128, 64, 8, 3),  # w4: 255 regs, 20 B fwd (masked M), 380-6,892 B dx -> w8: 152-220, none
+         (128, 128, 32, 4, 3),  # s4: 255 regs, 44-56 B dx -> s3: 220-254, none (w8 s3 spills fp16 fwd)
+         (64, 256, 64, 8, 3),  # w4: 255 regs, 32 B fwd, 668-720 B dx -> w8: 152-251, none
+         (64, 128, 128, 8, 3),  # w4: 255 regs, 36-48 B fwd (masked M), 888-7,620 B dx -> w8: 127-234
+         (64, 128, 64, 8, 4),  # w4: 255 regs, 8-36 B dx -> w8: 99-174, none (w4 s3 is at 254)
+         (256, 128, 32, 8, 3),  # BLOCK_K=64: 255 regs, 4-164 B fwd, 276-6,100 B dx -> 32: 218-242
+         (128, 256, 32, 8, 3),  # BLOCK_K=64: 255 regs, 400-412 B dx -> 32: 214-255, none
+         (128, 128, 128, 8, 3)),  # never kept on sm_8x: more shared memory (_smem_bytes) than it has
+}
+# 16 < M <= 256. 32x128x128 at 4 warps spilled in dx on both targets (255 registers; sm_80 924-956 B,
+# sm_90 932-940 B: 32 rows are below wgmma's 64, so mma.sync there too); at 8 warps 92-246 registers
+# on sm_80 and 80-238 on sm_90, none.
+_MID_TILES = ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 8, 4))
 
 
 def _candidates(path: str, m: int, n: int, k: int, device: torch.device) -> list[Int8MatmulConfig]:
     """What the tuner times on a GPU: whole launches, so a split pays for its reduce."""
     sms = _sm_count(device)
+    arch = config_arch(device)  # the rows of _LARGE_TILES
     out = []
     if path == "small":  # one row tile (x padded with masked rows), K split over ~2-4 waves
         for bm, bn, bk, warps, stages in _SMALL_TILES:
             if bm >= m:
                 out += [_cfg(m, n, k, bm, bn, bk, warps, stages, sms, w, True) for w in (2, 4)]
     else:
-        tiles = _LARGE_TILES + (_MID_TILES if m <= 256 else ())
+        tiles = _LARGE_TILES[arch] + (_MID_TILES if m <= 256 else ())
         for bm, bn, bk, warps, stages in tiles:
             if bm > max(16, triton.next_power_of_2(m)):
                 continue
@@ -300,7 +324,6 @@ def _pick_config(path: str, x2: Tensor, weight: Tensor, scale: Tensor, bias: Ten
                  scale_on_k: bool = False) -> Int8MatmulConfig:
     """The tuned config of this key (from memory, else from the disk cache, else by timing the
     candidates on its first call, with a one-line note), else the default."""
-
     m, k = x2.shape
     n = weight.shape[0]
     device = x2.device

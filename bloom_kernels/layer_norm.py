@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._tuning import autotune
 from ._launch import row_bucket, rows_2d, sm_count, triton_interpreting
 
 MAX_N = 65_536  # longest row the op accepts (BLOOM-176B: hidden 14,336)
@@ -64,15 +65,17 @@ def _configs() -> list[triton.Config]:
     return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (4, 8, 16, 32)]
 
 
-def _pruner(max_tile: int):
+def _pruner(max_tile: int, spills=()):
     """Keep tiles of at most max_tile fp32 values (register budget) with 8 to 32 of them per thread
-    (at least one 16-byte vector of a 16-bit dtype, at most 32 registers per live tile)."""
+    (at least one 16-byte vector of a 16-bit dtype, at most 32 registers per live tile), except the
+    (BLOCK_M, BLOCK_N, warps) in `spills` (this kernel spills registers there on sm_80 or sm_90)."""
     def prune(configs, named_args, **kwargs):
         block_n = kwargs["BLOCK_N"]
         kept = []
         for c in configs:
             tile, threads = c.kwargs["BLOCK_M"] * block_n, 32 * c.num_warps
-            if tile <= max(max_tile, block_n) and tile // 32 <= threads <= max(tile // 8, 128):
+            if (tile <= max(max_tile, block_n) and tile // 32 <= threads <= max(tile // 8, 128)
+                    and (c.kwargs["BLOCK_M"], block_n, c.num_warps) not in spills):
                 kept.append(c)
         return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], -c.num_warps))]
     return prune
@@ -87,8 +90,8 @@ def _load_h(x_ptrs, r_ptrs, mask, HAS_RESIDUAL: tl.constexpr):
     return h
 
 
-@triton.autotune(configs=_configs(), key=["N", "M_BUCKET"],
-                 prune_configs_by={"early_config_prune": _pruner(16_384)})
+@autotune(configs=_configs(), key=["N", "M_BUCKET"],
+          prune_configs_by={"early_config_prune": _pruner(16_384)})
 @triton.heuristics({"ONE_TILE": lambda a: a["BLOCK_N"] >= a["N"]})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _ln_fwd_kernel(
@@ -157,8 +160,8 @@ def _ln_fwd_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=row_mask)
 
 
-@triton.autotune(configs=_configs(), key=["N", "M_BUCKET"],
-                 prune_configs_by={"early_config_prune": _pruner(8_192)})
+@autotune(configs=_configs(), key=["N", "M_BUCKET"],
+          prune_configs_by={"early_config_prune": _pruner(8_192)})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _ln_bwd_row_dots_kernel(
     dy_ptr,  # (M, N) dL/dy, row stride stride_dym
@@ -191,8 +194,11 @@ def _ln_bwd_row_dots_kernel(
     tl.store(c2_ptr + rows, tl.sum(acc2, axis=1) / N, mask=row_mask)
 
 
-@triton.autotune(configs=_configs(), key=["N", "M_BUCKET"],
-                 prune_configs_by={"early_config_prune": _pruner(8_192)})
+# BLOCK_M=8 BLOCK_N=1024 w16 (128 registers a thread) spills with a residual and dL/ds: 16 B on sm_80
+# (N=14,336, looped) and 8 B on sm_90 (N=1,024, one tile; ptxas, Triton 3.6, bf16 and fp16). The same
+# tile at 8 warps (232-254 registers) or 32 (62-64), and BLOCK_M=4 at 16 (95-99), do not.
+@autotune(configs=_configs(), key=["N", "M_BUCKET"],
+          prune_configs_by={"early_config_prune": _pruner(8_192, spills={(8, 1024, 16)})})
 @triton.heuristics({"ONE_TILE": lambda a: a["BLOCK_N"] >= a["N"]})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _ln_bwd_kernel(
