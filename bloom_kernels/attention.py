@@ -139,7 +139,6 @@ def _pruner(staged_elements):
         q_len, k_len = args["Q_LEN"], args["K_LEN"]
         q_cap, k_cap = max(64, triton.next_power_of_2(q_len)), max(64, triton.next_power_of_2(k_len))
         mine = [c for c in configs if c.arch == arch]
-
         masked = args["HAS_MASK"] or not args["ALIGNED"]  # the same for every length in this key
 
         def fits(c):
@@ -147,8 +146,8 @@ def _pruner(staged_elements):
             return (tile in (c.masked_tiles if masked else c.tiles) and bm <= q_cap and bn <= k_cap
                     and staged_elements(bm, bn, block_d, c.num_stages) * q.element_size() <= limit - 2048)
 
-        smallest = min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
-        return [c for c in mine if fits(c)] or [smallest]
+        kept = [c for c in mine if fits(c)]
+        return kept or [min(mine, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)]
     return prune
 
 

@@ -168,10 +168,10 @@ def _row_op_cases(model, dtype, token_counts, training_counts):
 def _int8_cases(model, dtype, token_counts, training_counts):
     """Every candidate config of the int8 tuner for BLOOM's four projections, forward and dx."""
     q8 = _module("int8_linear")
-    h = model.hidden
     device = torch.device("cuda", 0)  # the tuner's candidates are those of a CUDA device
-    for n, k in ((3 * h, h), (h, h), (4 * h, h), (h, 4 * h)):
-        weight, scale, bias = _meta(n, k, dtype=torch.int8), _meta(n, dtype=dtype), _meta(n, dtype=dtype)
+    for n, k, has_bias in model.projections:
+        weight, scale = _meta(n, k, dtype=torch.int8), _meta(n, dtype=dtype)
+        bias = _meta(n, dtype=dtype) if has_bias else None
         for m in token_counts:
             path = q8._choose_path(m)
             x, dy = _meta(m, k, dtype=dtype), _meta(m, n, dtype=dtype)

@@ -27,6 +27,13 @@ class BloomShape:
     def ffn(self) -> int:
         return 4 * self.hidden
 
+    @property
+    def projections(self) -> tuple[tuple[int, int, bool], ...]:
+        """(N, K, has a bias) of a block's four linears: QKV, dense, h -> 4h (its bias is fused into the
+        bias-GeLU, not the linear), 4h -> h."""
+        h = self.hidden
+        return (3 * h, h, True), (h, h, True), (4 * h, h, False), (h, 4 * h, True)
+
 
 BLOOM_SHAPES: dict[str, BloomShape] = {s.name: s for s in (
     BloomShape("bloom-560m", 1024, 16, 24),

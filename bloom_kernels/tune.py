@@ -76,10 +76,9 @@ def _int8(phase, rows, n, k, bias):
     return Call(phase, "int8_linear", tensors + ((("bias", (n,)),) if bias else ()))
 
 
-def _projections(phase, rows, h):
-    """The block's four linears as int8: (N, K, bias) of QKV, dense, h->4h (bias in the GeLU), 4h->h."""
-    return [_int8(phase, rows, n, k, bias) for n, k, bias in
-            ((3 * h, h, True), (h, h, True), (4 * h, h, False), (h, 4 * h, True))]
+def _projections(phase, rows, shape: BloomShape):
+    """The block's four linears as int8 (BloomShape.projections)."""
+    return [_int8(phase, rows, n, k, bias) for n, k, bias in shape.projections]
 
 
 def decode_lengths(longest: int) -> list[int]:
@@ -104,7 +103,7 @@ def plan(shape: BloomShape, batches=DEFAULT_BATCHES, seqs=DEFAULT_SEQS,
                 calls += [_attention("prefill", b, heads, d, length, length, mask) for mask in (False, True)]
             calls.append(_bias_gelu("prefill", rows, h))
             if int8:
-                calls += _projections("prefill", rows, h)
+                calls += _projections("prefill", rows, shape)
     if max_new_tokens > 0:
         longest = max(seqs) + max_new_tokens
         lengths = sorted(set(decode_lengths(longest)) | {s + max_new_tokens for s in seqs})
@@ -114,7 +113,7 @@ def plan(shape: BloomShape, batches=DEFAULT_BATCHES, seqs=DEFAULT_SEQS,
                 calls += [_attention("decode", b, heads, d, 1, length, mask) for mask in (False, True)]
             calls.append(_bias_gelu("decode", (b, 1), h))
             if int8:
-                calls += _projections("decode", (b, 1), h)
+                calls += _projections("decode", (b, 1), shape)
                 calls.append(_int8("decode", (b,), VOCAB_SIZE, h, False))  # the lm_head, last position
     if backward:
         for b in batches:
@@ -123,7 +122,7 @@ def plan(shape: BloomShape, batches=DEFAULT_BATCHES, seqs=DEFAULT_SEQS,
                 calls += [_attention("backward", b, heads, d, s, s, mask) for mask in (False, True)]
                 calls.append(_bias_gelu("backward", (b, s), h))
                 if int8:
-                    calls += _projections("backward", (b, s), h)
+                    calls += _projections("backward", (b, s), shape)
     unique = {}
     for call in calls:
         unique.setdefault((call.phase == "backward", call.op, call.tensors), call)
