@@ -14,19 +14,20 @@ Units: TFLOP/s with FLOPs = 2·B·H·S²·D for a causal forward (half of 4·B·
 forward + backward and 2.5x for the backward alone; decode TB/s with bytes = K and V read once.
 Ceilings measured in the same run: a bf16/fp16 8192³ matmul (TFLOP/s) and a device-to-device copy
 (bytes read + written, TB/s). Times are medians of triton.testing.do_bench. Tables and PNG plots go to
-bench/out/ (or --out).
+bench/out/ (or --out); timing, the copy ceiling and the tables are bench/_common.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/_common.py
+import _common as common  # noqa: E402
+
 PREFILL_SHAPES = ["4x16x2048x64", "1x32x4096x128", "2x16x8192x64", "8x16x1024x64", "2x32x2048x80",
                   "2x16x2048x96"]
 DECODE_SHAPES = ["1x32x4096x128", "16x32x4096x128", "64x16x2048x64", "1x32x16384x128", "8x112x2048x128"]
@@ -35,38 +36,25 @@ PROVIDERS = ["bloom_kernels", "flex", "sdpa+bias", "sdpa flash", "ceiling"]
 GOALS = [("fwd", s, p, r) for s in PREFILL_SHAPES[:3] for p, r in (("flex", 1.3), ("sdpa flash", 0.85))]
 GOALS += [("bwd", s, "flex", 1.3) for s in PREFILL_SHAPES[:3]]
 GOALS += [("decode", "1x32x4096x128", "ceiling", 0.8), ("decode", "16x32x4096x128", "sdpa+bias", 1.0)]
+FLOP_FACTOR = {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}  # x the causal forward's 2·B·H·S²·D
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__, dtypes=("bf16", "fp16"))
     parser.add_argument("--mode", choices=["fwd", "fwd+bwd", "bwd", "decode", "all"], default="all")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--shapes", nargs="+", help="BxHxSxD (decode: BxHxLxD); default: the issue's shapes")
     parser.add_argument("--fused-layout", action="store_true",
                         help="feed bloom_kernels q/k/v as strided views of a fused (B, S, H, 3, D) "
                              "projection (prefill) or a slice of a larger KV cache (decode), as the model does")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     return parser.parse_args(argv)
-
-
-def _shape(text: str) -> tuple[int, int, int, int]:
-    batch, heads, seq, head_dim = (int(x) for x in text.split("x"))
-    return batch, heads, seq, head_dim
 
 
 def measure_ceilings(dtype) -> tuple[float, float]:
     """(matmul TFLOP/s, copy TB/s) of this GPU, measured now."""
-    from triton.testing import do_bench
-
     a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
     b = torch.randn(8192, 8192, device="cuda", dtype=dtype)
-    ms = do_bench(lambda: a @ b, return_mode="median")
-    matmul = 2 * 8192**3 / (ms * 1e-3) / 1e12
-    x = torch.empty(1 << 29, device="cuda", dtype=torch.uint8)
-    y = torch.empty_like(x)
-    ms = do_bench(lambda: y.copy_(x), return_mode="median")
-    copy = 2 * x.numel() / (ms * 1e-3) / 1e12
-    return matmul, copy
+    matmul = common.per_second(2 * 8192**3, common.median_ms(lambda: a @ b), 1e12)
+    return matmul, common.copy_ceiling_gbs() / 1e3
 
 
 class Case:
@@ -75,7 +63,7 @@ class Case:
     def __init__(self, shape: str, dtype, decode: bool, fused_layout: bool):
         import bloom_kernels as bk
 
-        batch, heads, seq, head_dim = _shape(shape)
+        batch, heads, seq, head_dim = common.dims(shape)
         q_len = 1 if decode else seq
         self.batch, self.heads, self.q_len, self.k_len, self.head_dim = batch, heads, q_len, seq, head_dim
         gen = torch.Generator(device="cuda").manual_seed(0)
@@ -136,89 +124,72 @@ class Case:
 
 def time_provider(case: Case, provider: str, mode: str) -> float:
     """Median milliseconds of one call of `mode` (fwd, fwd+bwd, bwd, decode); NaN if it fails."""
-    from triton.testing import do_bench
-
     if provider == "bloom_kernels":
         fn, inputs = case.ours, case.ours_qkv
     else:
         fn = {"flex": case.flex, "sdpa+bias": case.sdpa_bias, "sdpa flash": case.sdpa_flash}[provider]()
         inputs = (case.q, case.k, case.v)
-    try:
+
+    def run():
         if mode in ("fwd", "decode"):
             with torch.no_grad():
-                return do_bench(lambda: fn(*inputs), return_mode="median")
+                return common.median_ms(lambda: fn(*inputs))
         leaves = [t.detach().requires_grad_() for t in inputs]  # detach keeps a view's strides
         grad = torch.randn_like(case.q)
         if mode == "fwd+bwd":
-            return do_bench(lambda: fn(*leaves).backward(grad), grad_to_none=leaves, return_mode="median")
+            return common.median_ms(lambda: fn(*leaves).backward(grad), grad_to_none=leaves)
         out = fn(*leaves)
-        return do_bench(lambda: out.backward(grad, retain_graph=True), grad_to_none=leaves, return_mode="median")
-    except Exception as error:  # noqa: BLE001 - e.g. out of memory (dense bias at 8192), a head dim a peer lacks
-        print(f"  {provider} {mode} failed: {type(error).__name__}: {str(error).splitlines()[0][:160]}",
-              file=sys.stderr)
-        torch.cuda.empty_cache()
-        return float("nan")
+        return common.median_ms(lambda: out.backward(grad, retain_graph=True), grad_to_none=leaves)
+
+    # e.g. out of memory (dense bias at 8192), a head dim a peer lacks
+    return common.guarded(f"{provider} {mode}", run)
 
 
-def make_benchmark(mode: str, shapes, dtype_name: str, fused_layout: bool, ceilings):
-    import triton
+def unit(mode: str) -> str:
+    return "TB/s" if mode == "decode" else "TFLOP/s"
 
+
+def run_mode(mode: str, shapes, args, ceilings):
+    """One table: TFLOP/s (prefill) or TB/s (decode) of every provider at every shape."""
     decode = mode == "decode"
-    unit = "TB/s" if decode else "TFLOP/s"
     ceiling_value = ceilings[1] if decode else ceilings[0]
-    flop_factor = {"fwd": 1.0, "fwd+bwd": 3.5, "bwd": 2.5}.get(mode)
+    ceiling_name = "copy ceiling" if decode else "matmul ceiling"
 
-    @triton.testing.perf_report(triton.testing.Benchmark(
-        x_names=["shape"], x_vals=shapes, line_arg="provider", line_vals=PROVIDERS,
-        line_names=[p if p != "ceiling" else ("copy ceiling" if decode else "matmul ceiling") for p in PROVIDERS],
-        ylabel=unit, xlabel="B x H x L x D" if decode else "B x H x S x D",
-        plot_name=f"attention-{mode.replace('+', '-')}-{dtype_name}", args={}))
-    def bench(shape, provider):
+    def measure(shape, provider):
         if provider == "ceiling":
             return ceiling_value
-        case = Case(shape, DTYPES[dtype_name], decode, fused_layout)
+        case = Case(shape, common.DTYPES[args.dtype], decode, args.fused_layout)
         ms = time_provider(case, provider, mode)
-        batch, heads, seq, head_dim = _shape(shape)
+        batch, heads, seq, head_dim = common.dims(shape)
         if decode:
-            return 2 * batch * heads * seq * head_dim * case.k.element_size() / (ms * 1e-3) / 1e12
-        return flop_factor * 2 * batch * heads * seq * seq * head_dim / (ms * 1e-3) / 1e12
+            return common.per_second(2 * batch * heads * seq * head_dim * case.k.element_size(), ms, 1e12)
+        return common.per_second(FLOP_FACTOR[mode] * 2 * batch * heads * seq * seq * head_dim, ms, 1e12)
 
-    return bench
+    return common.run_table(
+        args.out, f"attention-{mode.replace('+', '-')}-{args.dtype}", "shape", shapes, PROVIDERS, measure,
+        unit(mode), f"{ceiling_name} {ceiling_value:.2f} {unit(mode)} (its column)", title=mode,
+        labels={"ceiling": ceiling_name}, xlabel="B x H x L x D" if decode else "B x H x S x D")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_attention.py needs a CUDA GPU (Triton kernels, FlexAttention and SDPA flash); none found.",
-              file=sys.stderr)
+    if not common.start(args, "bench_attention.py", "Triton kernels, FlexAttention and SDPA flash",
+                        force_triton=True):
         return 1
-    os.environ["BLOOM_KERNELS_BACKEND"] = "triton"
-    os.makedirs(args.out, exist_ok=True)
-    dtype = DTYPES[args.dtype]
-    ceilings = measure_ceilings(dtype)
-    print(f"{torch.cuda.get_device_name()}, {args.dtype}, torch {torch.__version__}; ceilings: "
-          f"{args.dtype} matmul {ceilings[0]:.0f} TFLOP/s, copy {ceilings[1]:.2f} TB/s")
+    ceilings = measure_ceilings(common.DTYPES[args.dtype])
+    print(common.describe(args.dtype) + f"; ceilings: {args.dtype} matmul {ceilings[0]:.0f} TFLOP/s, "
+          f"copy {ceilings[1]:.2f} TB/s")
     modes = ["fwd", "fwd+bwd", "bwd", "decode"] if args.mode == "all" else [args.mode]
-    results = {}
-    for mode in modes:
-        shapes = args.shapes or (DECODE_SHAPES if mode == "decode" else PREFILL_SHAPES)
-        bench = make_benchmark(mode, shapes, args.dtype, args.fused_layout, ceilings)
-        unit = "TB/s" if mode == "decode" else "TFLOP/s"
-        print(f"\n== {mode} ({unit}; higher is better) ==")
-        results[mode] = bench.run(print_data=True, save_path=args.out, return_df=True)
+    tables = {mode: run_mode(mode, args.shapes or (DECODE_SHAPES if mode == "decode" else PREFILL_SHAPES),
+                             args, ceilings) for mode in modes}
     print("\n== goals (issue 6, H100 bf16) ==")
     for mode, shape, peer, ratio in GOALS:
-        if mode not in results:
+        table = tables.get(mode)
+        if table is None or shape not in table.rows:
             continue
-        df = results[mode]
-        row = df[df["shape"] == shape]
-        if row.empty:
-            continue
-        ours = float(row.iloc[0][f"bloom_kernels ({'TB/s' if mode == 'decode' else 'TFLOP/s'})"])
-        peer_col = next(c for c in df.columns if c.startswith("copy ceiling" if peer == "ceiling" else peer))
-        theirs = float(row.iloc[0][peer_col])
+        ours, theirs = table.value(shape, "bloom_kernels"), table.value(shape, peer)
         verdict = "ok" if ours >= ratio * theirs else "MISSED"
-        print(f"{mode:7s} {shape:16s} bloom_kernels {ours:8.2f} vs {ratio:.2f} x {peer_col} {theirs:8.2f}"
+        print(f"{mode:7s} {shape:16s} bloom_kernels {ours:8.2f} vs {ratio:.2f} x {table.column(peer)} {theirs:8.2f}"
               f" -> {ours / theirs:5.2f}x  {verdict}")
     print(f"\ntables (csv) and plots (png) in {args.out}")
     return 0

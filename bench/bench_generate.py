@@ -10,10 +10,13 @@ disabled), and a warm-up call first. The outputs are checked to be identical bef
 
 from __future__ import annotations
 
-import argparse
-import time
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/_common.py
+import _common as common  # noqa: E402
 
 PRESETS = {
     # hidden, layers, heads, vocab
@@ -21,7 +24,6 @@ PRESETS = {
     "small": (512, 8, 8, 250880),
     "tiny": (128, 2, 4, 1000),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_models(preset: str, device, dtype):
@@ -38,34 +40,16 @@ def build_models(preset: str, device, dtype):
     return ours.to(device, dtype), theirs.to(device, dtype)
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_generate(fn, device, repeats: int) -> float:
-    fn()  # warm-up
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = common.parser(__doc__, dtype="fp32", out=False)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="bloom-560m")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), common.DTYPES[args.dtype]
     with torch.inference_mode():
         run(args, device, dtype)
 
@@ -92,8 +76,8 @@ def run(args, device, dtype) -> None:
                                    pad_token_id=0, **kw)
 
         same = torch.equal(run_ours().cpu(), run_theirs().cpu())
-        t_ours = time_generate(run_ours, device, args.repeats)
-        t_theirs = time_generate(run_theirs, device, args.repeats)
+        t_ours = common.best_wall_s(run_ours, device, args.repeats)
+        t_theirs = common.best_wall_s(run_theirs, device, args.repeats)
         tokens = batch * args.new_tokens
         print(f"{batch:>5} | {tokens / t_ours:>12.1f} | {tokens / t_theirs:>18.1f} | "
               f"{t_theirs / t_ours:>5.2f}x" + ("" if same else "  (outputs differ!)"))

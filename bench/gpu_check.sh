@@ -3,8 +3,9 @@
 #
 #   PYTHONPATH=. OUT=/some/dir bash bench/gpu_check.sh          (default OUT: bench/out/<date>-<gpu>)
 #
-#  1. install what the benchmarks need (pyproject's `bench` extra: matplotlib, pandas) when missing;
-#     without a network that fails, says so, and the run goes on (no matplotlib: tables without plots)
+#  1. install what the benchmarks need (pyproject's `bench` extra: matplotlib for the plots) when
+#     missing; without a network that fails, says so, and the run goes on (no matplotlib: tables
+#     without plots, see bench/_common.py)
 #  2. the GPU tests (pytest -m gpu: bf16/fp16 at BLOOM sizes, torch.compile, CUDA graphs)
 #  3. pre-tune bloom-560m (python -m bloom_kernels.tune), then once more: the second run must find
 #     every key in the disk caches (its table says "0 keys tuned")
@@ -44,63 +45,33 @@ step() {
 'triton', triton.__version__, 'cuda', torch.version.cuda)" 2>&1
 } > "$OUT/env.txt"
 
-# 1. the `bench` extra of pyproject.toml (read from it; matplotlib and pandas if it cannot be read)
-bench_packages=$("$PYTHON" - <<'EOF' 2>/dev/null || echo "matplotlib pandas"
+# 1. the `bench` extra of pyproject.toml (read from it; matplotlib if it cannot be read)
+bench_packages=$("$PYTHON" - <<'EOF' 2>/dev/null || echo "matplotlib"
 import tomllib
 with open("pyproject.toml", "rb") as f:
     print(" ".join(tomllib.load(f)["project"]["optional-dependencies"]["bench"]))
 EOF
 )
 install_bench_extra() {
-    if "$PYTHON" -c "import matplotlib, pandas" 2>/dev/null; then
+    if "$PYTHON" -c "import matplotlib" 2>/dev/null; then
         echo "already installed: $bench_packages"
         return 0
     fi
     # shellcheck disable=SC2086  # one word per package
     "$PYTHON" -m pip install --disable-pip-version-check --retries 0 --timeout 20 $bench_packages && return 0
-    echo "WARNING: could not install $bench_packages (no network?). Without pandas the benchmarks" \
-         "cannot make their tables (triton.testing.perf_report needs it); without matplotlib they write" \
-         "their tables without plots."
+    echo "WARNING: could not install $bench_packages (no network?). Without matplotlib the benchmarks" \
+         "write their csv tables without png plots."
     return 1
 }
 step install-bench-extra install.txt install_bench_extra
 "$PYTHON" - >> "$OUT/env.txt" 2>&1 <<'EOF'
 import importlib
-for name in ("matplotlib", "pandas"):
+for name in ("matplotlib",):
     try:
         print(name, importlib.import_module(name).__version__)
     except ImportError:
         print(name, "not installed")
 EOF
-
-# Without matplotlib: a stand-in package whose every call does nothing, found first on the
-# benchmarks' path. triton.testing's perf_report imports matplotlib.pyplot before it writes its
-# tables (pandas), so with it the benchmarks still write their csv tables, just no png plots.
-bench_path=$PYTHONPATH
-if ! "$PYTHON" -c "import matplotlib.pyplot" 2>/dev/null; then
-    no_plots=$(mktemp -d)
-    trap 'rm -rf "$no_plots"' EXIT
-    mkdir -p "$no_plots/matplotlib"
-    printf '"""Stand-in written by bench/gpu_check.sh: matplotlib is not installed; no plots."""\n' \
-        > "$no_plots/matplotlib/__init__.py"
-    cat > "$no_plots/matplotlib/pyplot.py" <<'EOF'
-"""Stand-in for matplotlib.pyplot (bench/gpu_check.sh): every name is a no-op that returns itself."""
-
-
-class _Nothing:
-    def __getattr__(self, name):
-        return self
-
-    def __call__(self, *args, **kwargs):
-        return self
-
-
-def __getattr__(name):
-    return _Nothing()
-EOF
-    bench_path="$no_plots:$PYTHONPATH"
-    echo "matplotlib missing: benchmarks write tables without plots" | tee -a "$OUT/env.txt"
-fi
 
 # 2. correctness first
 step gpu-tests gpu_tests.txt \
@@ -110,13 +81,13 @@ step gpu-tests gpu_tests.txt \
 step tune-bloom-560m tune_bloom-560m.txt "$PYTHON" -m bloom_kernels.tune --model bloom-560m
 step tune-bloom-560m-again tune_bloom-560m_again.txt "$PYTHON" -m bloom_kernels.tune --model bloom-560m
 
-# 4. every benchmark, each into its own folder (Triton's perf_report rewrites results.html per run)
+# 4. every benchmark, each into its own folder (each writes its own results.html)
 for op in bias_gelu layer_norm attention int8_linear; do
     mkdir -p "$OUT/bench_$op"
-    step "bench-$op" "bench_$op.txt" env PYTHONPATH="$bench_path" "$PYTHON" "bench/bench_$op.py" --out "$OUT/bench_$op"
+    step "bench-$op" "bench_$op.txt" "$PYTHON" "bench/bench_$op.py" --out "$OUT/bench_$op"
 done
 step bench-generate bench_generate.txt \
-    env PYTHONPATH="$bench_path" "$PYTHON" bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m
+    "$PYTHON" bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m
 
 echo
 cat "$SUMMARY"

@@ -1,10 +1,10 @@
 """BloomCache: a key/value cache allocated once, (B, H, capacity, D) per layer, written in place.
 
 Each forward writes the new keys/values at [length, length + S) and attends over the view [:length + S]
-— no concatenation. `generate` sizes it once for prompt + max_new_tokens (fixed capacity, so a decode
-step has static shapes and can be captured in a CUDA graph). A cache the model creates on its own
-(plain `forward(use_cache=True)`) may grow, doubling its capacity, so a hand-written decoding loop works
-like with transformers.
+— no concatenation. `generate` sizes it once for prompt + max_new_tokens (fixed capacity: nothing is
+reallocated while it decodes). A cache the model creates on its own (plain `forward(use_cache=True)`)
+or reads from legacy tuples may grow (to at least twice its capacity, copying what it holds), so a
+hand-written decoding loop works like with transformers.
 
 Layout: `cache[i]` is (key, value) of layer i, each (B, H, length, D). `to_legacy_cache()` gives
 transformers 4.x's BLOOM tuples: key (B*H, D, L), value (B*H, L, D); `from_legacy_cache` reads them.
@@ -17,10 +17,13 @@ from torch import Tensor
 
 
 class CacheOverflowError(ValueError):
-    """A forward would write past the end of a fixed-capacity cache."""
+    """A forward would write past the end of a fixed-capacity cache, or `generate` past the model's
+    length limit."""
 
 
 class BloomCache:
+    """Per-layer key and value buffers (B, H, capacity, D) and the number of positions filled."""
+
     def __init__(
         self,
         n_layer: int,

@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_generate(args: argparse.Namespace) -> None:
     import torch
 
+    from .hub import HubOptions
     from .model import BloomForCausalLM
     from .streaming import TextStreamer
     from .tokenization import BloomTokenizerFast
@@ -79,7 +80,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"--device {args.device}: CUDA is not available on this machine")
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
-    hub = dict(revision=args.revision, local_files_only=args.local_files_only)
+    hub = HubOptions(revision=args.revision, local_files_only=args.local_files_only).to_kwargs()
 
     tokenizer = BloomTokenizerFast.from_pretrained(args.model, **hub)
     load = dict(torch_dtype=dtype, device=device, **hub)

@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .hub import HubOptions, resolve_file
+
 CONFIG_NAME = "config.json"
 
 # Every field of transformers' BloomConfig, with its default (same order as transformers).
@@ -199,13 +201,13 @@ class BloomConfig:
         token: str | bool | None = None,
         **overrides: Any,
     ) -> "BloomConfig":
-        from .hub import resolve_file
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        return cls._from_hub(name_or_path, hub, **overrides)
 
-        path = resolve_file(
-            name_or_path, CONFIG_NAME, revision=revision, cache_dir=cache_dir,
-            local_files_only=local_files_only, token=token,
-        )
-        return cls.from_json_file(path, **overrides)
+    @classmethod
+    def _from_hub(cls, name_or_path: str | os.PathLike, hub: HubOptions, **overrides: Any) -> "BloomConfig":
+        """from_pretrained with the hub arguments as one HubOptions (see bloom.hub)."""
+        return cls.from_json_file(resolve_file(name_or_path, CONFIG_NAME, hub), **overrides)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, BloomConfig) and self.to_dict() == other.to_dict()

@@ -1,9 +1,10 @@
 """Text generation: greedy and sampled decoding over a KV cache allocated once per call.
 
-The cache and the attention-mask buffer are sized for prompt + max_new_tokens before the first step
-and written in place; each step runs the model on one token per row and computes logits for that
-position only. Logit processing follows transformers' order and rules (repetition penalty, min new
-tokens, then temperature, top-k, top-p), so greedy output equals transformers' token for token.
+The cache, the token buffer and the attention-mask buffer are sized for prompt + max_new_tokens before
+the first step and written in place. The first step runs the whole prompt, each later step one token
+per row; logits are computed for the last position only. Logit processing follows transformers' order
+and rules (repetition penalty, min new tokens, then temperature, top-k, top-p), so greedy output equals
+transformers' token for token.
 """
 
 from __future__ import annotations

@@ -64,12 +64,9 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
             last = (positions * (input_ids != pad).to(logits.device)).argmax(-1)
         pooled = logits[torch.arange(batch, device=logits.device), last]
         loss = None if labels is None else _classification_loss(self.config, pooled, labels.to(logits.device))
-        if not return_dict:
-            rest = tuple(v for v in (pooled, out.past_key_values, out.hidden_states, out.attentions)
-                         if v is not None)
-            return ((loss,) + rest) if loss is not None else rest
-        return SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states,
-                                                out.attentions)
+        result = SequenceClassifierOutputWithPast(loss, pooled, out.past_key_values, out.hidden_states,
+                                                  out.attentions)
+        return result if return_dict else result.to_tuple()
 
 
 class BloomForTokenClassification(BloomPreTrainedModel):
@@ -92,10 +89,8 @@ class BloomForTokenClassification(BloomPreTrainedModel):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.to(logits.device).view(-1))
-        if not return_dict:
-            rest = tuple(v for v in (logits, out.hidden_states, out.attentions) if v is not None)
-            return ((loss,) + rest) if loss is not None else rest
-        return TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+        result = TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
+        return result if return_dict else result.to_tuple()
 
 
 class BloomForQuestionAnswering(BloomPreTrainedModel):
@@ -122,7 +117,5 @@ class BloomForQuestionAnswering(BloomPreTrainedModel):
             end = end_positions.reshape(-1).clamp(0, ignored).to(end_logits.device)
             loss = (F.cross_entropy(start_logits.float(), start, ignore_index=ignored)
                     + F.cross_entropy(end_logits.float(), end, ignore_index=ignored)) / 2
-        if not return_dict:
-            rest = tuple(v for v in (start_logits, end_logits, out.hidden_states, out.attentions) if v is not None)
-            return ((loss,) + rest) if loss is not None else rest
-        return QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        result = QuestionAnsweringModelOutput(loss, start_logits, end_logits, out.hidden_states, out.attentions)
+        return result if return_dict else result.to_tuple()

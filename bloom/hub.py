@@ -1,16 +1,41 @@
 """Find a model's files: in a local directory, or fetched (one file at a time) from the Hugging Face hub.
 
-Only the files asked for are downloaded — never a whole repository snapshot.
+Only the files asked for are downloaded — never a whole repository snapshot. The hub arguments every
+`from_pretrained` takes (revision, cache_dir, local_files_only, token) travel as one `HubOptions`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 
 class ModelNotFoundError(OSError):
     """The name is neither a local directory nor a reachable hub repository."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HubOptions:
+    """How to fetch files from the hub; the fields are `hf_hub_download`'s arguments of the same names.
+
+    Ignored for a local directory.
+    """
+
+    revision: str | None = None
+    cache_dir: str | os.PathLike | None = None
+    local_files_only: bool = False
+    token: str | bool | None = None
+
+    @classmethod
+    def from_kwargs(cls, kwargs: dict[str, Any]) -> "HubOptions":
+        """Pop the hub options out of `kwargs` (in place; missing ones keep their defaults)."""
+        return cls(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(cls) if f.name in kwargs})
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for huggingface_hub calls (and for the public from_pretrained methods)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def is_local(name_or_path: str | os.PathLike) -> bool:
@@ -20,11 +45,8 @@ def is_local(name_or_path: str | os.PathLike) -> bool:
 def resolve_file(
     name_or_path: str | os.PathLike,
     filename: str,
+    hub: HubOptions = HubOptions(),
     *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    local_files_only: bool = False,
-    token: str | bool | None = None,
     required: bool = True,
 ) -> Path | None:
     """Path of `filename` in a local directory or a hub repo; None if absent and not `required`."""
@@ -50,16 +72,7 @@ def resolve_file(
     )
 
     try:
-        return Path(
-            hf_hub_download(
-                repo_id=name,
-                filename=filename,
-                revision=revision,
-                cache_dir=cache_dir,
-                local_files_only=local_files_only,
-                token=token,
-            )
-        )
+        return Path(hf_hub_download(repo_id=name, filename=filename, **hub.to_kwargs()))
     except LocalEntryNotFoundError:
         # Offline (or local_files_only) and the file is not in the cache. When the file is optional
         # we cannot tell "absent from the repo" from "not cached": treat it as absent.
@@ -78,4 +91,4 @@ def resolve_file(
             f"{name!r} is not a local directory and not a hub repository you can access"
         ) from None
     except RevisionNotFoundError:
-        raise ModelNotFoundError(f"revision {revision!r} not found in the hub repository {name}") from None
+        raise ModelNotFoundError(f"revision {hub.revision!r} not found in the hub repository {name}") from None

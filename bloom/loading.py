@@ -1,9 +1,11 @@
 """Checkpoints: find, validate and load BLOOM weights; save them in transformers' format.
 
 Loading builds the model on the `meta` device (no random init), then reads the checkpoint one tensor
-at a time, converting each straight to the requested dtype/device — peak CPU memory is about one
-shard. safetensors is read first; `pytorch_model.bin` only through `torch.load(weights_only=True)`.
-Every problem is reported before a model is returned: nothing half-loaded escapes.
+at a time, converting each straight to the requested dtype/device (and, with quantization="int8",
+quantising each Linear weight as it arrives) — peak CPU memory is about one shard. safetensors is read
+first; `pytorch_model.bin` only through `torch.load(weights_only=True)`. Every problem is reported
+before a model is returned: nothing half-loaded escapes. The one exception to "no random init": a task
+head absent from a base-model checkpoint is initialised as transformers does, with a warning.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import BloomConfig
-from .hub import resolve_file
+from .hub import HubOptions, resolve_file
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -50,16 +52,16 @@ def parse_dtype(value: Any, name: str = "torch_dtype") -> torch.dtype | str | No
 # --------------------------------------------------------------------------------------------------
 # Finding the files
 # --------------------------------------------------------------------------------------------------
-def find_weight_files(name_or_path, **hub) -> tuple[list[Path], str]:
+def find_weight_files(name_or_path, hub: HubOptions) -> tuple[list[Path], str]:
     """The checkpoint's weight files and their format ('safetensors' or 'torch')."""
     for index_name, single_name, fmt in ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"),
                                          (TORCH_INDEX, TORCH_WEIGHTS, "torch")):
-        single = resolve_file(name_or_path, single_name, required=False, **hub)
+        single = resolve_file(name_or_path, single_name, hub, required=False)
         if single is not None:
             return [single], fmt
-        index = resolve_file(name_or_path, index_name, required=False, **hub)
+        index = resolve_file(name_or_path, index_name, hub, required=False)
         if index is not None:
-            return [resolve_file(name_or_path, shard, **hub) for shard in read_index(index)], fmt
+            return [resolve_file(name_or_path, shard, hub) for shard in read_index(index)], fmt
     raise FileNotFoundError(
         f"no weights found in {name_or_path}: looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, "
         f"{TORCH_WEIGHTS} and {TORCH_INDEX}"
@@ -146,9 +148,10 @@ def tied_keys(model: nn.Module) -> set[str]:
 # Loading
 # --------------------------------------------------------------------------------------------------
 def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, torch_dtype=None,
-                    dtype=None, device=None, revision=None, cache_dir=None, local_files_only=False,
-                    token=None, quantization: str | None = None, **config_overrides):
-    """Build `cls` on the meta device and fill it from a checkpoint (see module docstring).
+                    dtype=None, device=None, hub: HubOptions = HubOptions(), quantization: str | None = None,
+                    **config_overrides):
+    """Build `cls` on the meta device and fill it from a checkpoint (see module docstring); `hub` says
+    how to fetch files when `name_or_path` is a hub id.
 
     quantization="int8" quantises every Linear (lm_head included) tensor by tensor while loading; a
     checkpoint saved from a quantised model is recognised from its config and loads as int8 anyway.
@@ -157,12 +160,11 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
 
     if quantization not in (None, "int8"):
         raise ValueError(f"quantization must be None or 'int8'; got {quantization!r}")
-    hub = dict(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
     if config is None:
-        config = BloomConfig.from_pretrained(name_or_path, **hub, **config_overrides)
+        config = BloomConfig._from_hub(name_or_path, hub, **config_overrides)
     elif config_overrides:
         config = BloomConfig.from_dict(config.to_dict(), **config_overrides)
-    files, fmt = find_weight_files(name_or_path, **hub)
+    files, fmt = find_weight_files(name_or_path, hub)
     target = parse_dtype(dtype if dtype is not None else torch_dtype)
     if target == "auto":
         target = checkpoint_dtype(files, fmt, config)

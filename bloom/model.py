@@ -2,7 +2,9 @@
 
 Residual adds are fused into the LayerNorm that follows them: a block hands on (delta, residual) and
 the next LayerNorm computes LN(delta + residual) and the sum in one op. The h->4h bias is fused into
-the GeLU. Attention reads q/k/v as strided views of the fused QKV projection.
+the GeLU. Attention reads q/k/v as strided views of the fused QKV projection. The block's projections
+are BloomLinear (bloom_kernels.linear) or, once quantised, Int8Linear (bloom_kernels.int8_linear):
+both are called as `linear(x, with_bias=...)` and give Megatron's slices via `partial_product`.
 
 Shapes: B batch, S new tokens, L = past + S keys, H heads, D head dim, E hidden size.
 """
@@ -24,28 +26,33 @@ from .pretrained import BloomPreTrainedModel
 from .validation import check_forward_inputs, check_labels
 
 
-def project(linear: nn.Module, x: Tensor, with_bias: bool = True) -> Tensor:
-    """x · Wᵀ (+ b) of a float nn.Linear (through bloom_kernels.linear) or an Int8Linear."""
-    if isinstance(linear, nn.Linear):
-        return bk.linear(x, linear.weight, linear.bias if with_bias else None)
-    return linear(x, with_bias=with_bias)
+class BloomLinear(nn.Linear):
+    """A float nn.Linear (same parameters, state_dict keys and init) whose forward runs bloom_kernels.linear.
+
+    `with_bias=False` leaves the bias out (the h->4h projection: its bias goes into the fused GeLU).
+    """
+
+    def forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
+        return bk.linear(x, self.weight, self.bias if with_bias else None)
+
+    def partial_product(self, x: Tensor, lo: int, hi: int) -> Tensor:
+        """x[..., lo:hi] · W[:, lo:hi]ᵀ, no bias: one input slice of Megatron's pretraining_tp product."""
+        return F.linear(x[..., lo:hi], self.weight[:, lo:hi])
 
 
 def tp_sliced_linear(x: Tensor, linear: nn.Module, tp: int) -> Tensor:
-    """Megatron's pretraining_tp > 1 product: the sum of per-slice partial products, then the bias.
+    """`linear(x)`; for tp > 1, Megatron's product: the sum of per-slice partial products, then the bias.
 
     The slice bounds are transformers' (int(i * in / tp)). Unlike transformers, the bias is KEPT:
     Megatron added it after the all-reduce; transformers drops it on this path (a bug).
     """
+    if tp <= 1:
+        return linear(x)
     in_features = linear.weight.shape[1]
     slice_width = in_features / tp
     out = None
     for i in range(tp):
-        lo, hi = int(i * slice_width), int((i + 1) * slice_width)
-        if isinstance(linear, nn.Linear):
-            part = F.linear(x[..., lo:hi], linear.weight[:, lo:hi])
-        else:  # int8: the per-output-channel scale applies to every slice of a row alike
-            part = bk.int8_linear(x[..., lo:hi], linear.weight[:, lo:hi].contiguous(), linear.scale)
+        part = linear.partial_product(x, int(i * slice_width), int((i + 1) * slice_width))
         out = part if out is None else out + part
     return out + linear.bias if linear.bias is not None else out
 
@@ -59,15 +66,15 @@ class BloomAttention(nn.Module):
         self.head_dim = config.hidden_size // config.n_head
         self.exact_tp = config.pretraining_tp if config.slow_but_exact else 1
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.query_key_value = nn.Linear(self.hidden_size, 3 * self.hidden_size, bias=True)
-        self.dense = nn.Linear(self.hidden_size, self.hidden_size)
+        self.query_key_value = BloomLinear(self.hidden_size, 3 * self.hidden_size, bias=True)
+        self.dense = BloomLinear(self.hidden_size, self.hidden_size)
         self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.hidden_dropout = config.hidden_dropout
 
     def forward(self, x: Tensor, slopes: Tensor, attention_mask: Tensor | None, cache: BloomCache | None,
                 head_mask: Tensor | None, output_attentions: bool) -> tuple[Tensor, Tensor | None]:
         batch, seq, _ = x.shape
-        fused = project(self.query_key_value, x).view(batch, seq, self.num_heads, 3, self.head_dim)
+        fused = self.query_key_value(x).view(batch, seq, self.num_heads, 3, self.head_dim)
         q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, S, D) strided views
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, H, L, D) views of the cache
@@ -85,7 +92,7 @@ class BloomAttention(nn.Module):
                 probs = probs * head_mask.to(probs.dtype).view(1, -1, 1, 1)
         ctx = ctx.transpose(1, 2).reshape(batch, seq, self.hidden_size)
 
-        out = tp_sliced_linear(ctx, self.dense, self.exact_tp) if self.exact_tp > 1 else project(self.dense, ctx)
+        out = tp_sliced_linear(ctx, self.dense, self.exact_tp)
         return F.dropout(out, self.hidden_dropout, self.training), probs
 
 
@@ -93,17 +100,14 @@ class BloomMLP(nn.Module):
     def __init__(self, config: BloomConfig):
         super().__init__()
         self.exact_tp = config.pretraining_tp if config.slow_but_exact else 1
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
-        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+        self.dense_h_to_4h = BloomLinear(config.hidden_size, 4 * config.hidden_size)
+        self.dense_4h_to_h = BloomLinear(4 * config.hidden_size, config.hidden_size)
         self.hidden_dropout = config.hidden_dropout
 
     def forward(self, x: Tensor) -> Tensor:
         # The h->4h bias is added inside the fused GeLU, not by the linear.
-        h = bk.bias_gelu(project(self.dense_h_to_4h, x, with_bias=False), self.dense_h_to_4h.bias)
-        if self.exact_tp > 1:
-            out = tp_sliced_linear(h, self.dense_4h_to_h, self.exact_tp)
-        else:
-            out = project(self.dense_4h_to_h, h)
+        h = bk.bias_gelu(self.dense_h_to_4h(x, with_bias=False), self.dense_h_to_4h.bias)
+        out = tp_sliced_linear(h, self.dense_4h_to_h, self.exact_tp)
         return F.dropout(out, self.hidden_dropout, self.training)
 
 
@@ -124,18 +128,24 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config)
         self.residual_post_ln = config.apply_residual_connection_post_layernorm
 
-    def forward(self, delta: Tensor, residual: Tensor | None, slopes: Tensor, attention_mask: Tensor | None,
-                cache: BloomCache | None, head_mask: Tensor | None, output_attentions: bool):
-        """Block input is delta + residual. Returns (mlp_delta, residual_out, block_input, attn_probs):
-        the block's output hidden state is mlp_delta + residual_out."""
-        normed, hidden = fused_layer_norm(self.input_layernorm, delta, residual)
-        attn_delta, probs = self.self_attention(
-            normed, slopes, attention_mask, cache, head_mask, output_attentions
+    def forward(self, delta: Tensor, residual_stream: Tensor | None, slopes: Tensor,
+                attention_mask: Tensor | None, cache: BloomCache | None, head_mask: Tensor | None,
+                output_attentions: bool):
+        """The block's input hidden state is delta + residual_stream (just delta when that is None).
+
+        Returns (mlp_out, residual_stream, block_input, attention_probs); the block's output hidden
+        state is mlp_out + residual_stream, summed by the next LayerNorm.
+        """
+        attention_in, block_input = fused_layer_norm(self.input_layernorm, delta, residual_stream)
+        attention_out, probs = self.self_attention(
+            attention_in, slopes, attention_mask, cache, head_mask, output_attentions
         )
-        attn_residual = normed if self.residual_post_ln else hidden
-        normed2, attn_out = fused_layer_norm(self.post_attention_layernorm, attn_delta, attn_residual)
-        mlp_residual = normed2 if self.residual_post_ln else attn_out
-        return self.mlp(normed2), mlp_residual, hidden, probs
+        # What each sub-layer's output is added to: the sum before its LayerNorm (BLOOM's default), or,
+        # with apply_residual_connection_post_layernorm, that LayerNorm's output.
+        residual_stream = attention_in if self.residual_post_ln else block_input
+        mlp_in, after_attention = fused_layer_norm(self.post_attention_layernorm, attention_out, residual_stream)
+        residual_stream = mlp_in if self.residual_post_ln else after_attention
+        return self.mlp(mlp_in), residual_stream, block_input, probs
 
 
 class BloomModel(BloomPreTrainedModel):
@@ -204,9 +214,8 @@ class BloomModel(BloomPreTrainedModel):
         hidden, all_hidden, all_attentions = self.run(
             embeds, cache, attention_mask, head_mask, output_attentions, output_hidden_states
         )
-        if not return_dict:
-            return tuple(v for v in (hidden, cache, all_hidden, all_attentions) if v is not None)
-        return BaseModelOutputWithPast(hidden, cache, all_hidden, all_attentions)
+        out = BaseModelOutputWithPast(hidden, cache, all_hidden, all_attentions)
+        return out if return_dict else out.to_tuple()
 
     def run(self, embeds: Tensor, cache: BloomCache | None, attention_mask: Tensor | None,
             head_mask: Tensor | None = None, output_attentions: bool = False,
@@ -221,19 +230,19 @@ class BloomModel(BloomPreTrainedModel):
         slopes = self.alibi_slopes(embeds.device)
         ln = self.word_embeddings_layernorm
         delta = bk.layer_norm(embeds, ln.weight, ln.bias, ln.eps)
-        residual = None
+        residual_stream = None
         all_hidden = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for i, block in enumerate(self.h):
-            delta, residual, block_input, probs = block(
-                delta, residual, slopes, attention_mask, cache,
+            delta, residual_stream, block_input, probs = block(
+                delta, residual_stream, slopes, attention_mask, cache,
                 None if head_mask is None else head_mask[i], output_attentions,
             )
             if output_hidden_states:
                 all_hidden += (block_input,)
             if output_attentions:
                 all_attentions += (probs,)
-        hidden, _ = fused_layer_norm(self.ln_f, delta, residual)
+        hidden, _ = fused_layer_norm(self.ln_f, delta, residual_stream)
         if output_hidden_states:
             all_hidden += (hidden,)
         if cache is not None:
@@ -247,7 +256,7 @@ class BloomForCausalLM(BloomPreTrainedModel):
     def __init__(self, config: BloomConfig):
         super().__init__(config)
         self.transformer = BloomModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = BloomLinear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -264,7 +273,7 @@ class BloomForCausalLM(BloomPreTrainedModel):
     def next_token_logits(self, input_ids: Tensor, cache: BloomCache, attention_mask: Tensor | None) -> Tensor:
         """fp32 logits (B, V) of the last position only. No input checks: generation's own tokens."""
         hidden, _, _ = self.transformer.run(self.transformer.word_embeddings(input_ids), cache, attention_mask)
-        return project(self.lm_head, hidden[:, -1]).float()
+        return self.lm_head(hidden[:, -1]).float()
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
         """Prompt + new tokens; see bloom.generation.generate for the options (max_new_tokens, ...)."""
@@ -296,17 +305,14 @@ class BloomForCausalLM(BloomPreTrainedModel):
         hidden = out.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
-        logits = project(self.lm_head, hidden)
+        logits = self.lm_head(hidden)
 
         loss = None
         if labels is not None:
             check_labels(labels, logits.shape[:2], self.config.vocab_size)
             loss = causal_lm_loss(logits, labels)
-        if not return_dict:
-            rest = tuple(v for v in (logits, out.past_key_values, out.hidden_states, out.attentions)
-                         if v is not None)
-            return ((loss,) + rest) if loss is not None else rest
-        return CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
+        return result if return_dict else result.to_tuple()
 
 
 def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .config import BloomConfig
+from .hub import HubOptions
 
 
 class BloomPreTrainedModel(nn.Module):
@@ -52,10 +53,9 @@ class BloomPreTrainedModel(nn.Module):
         """
         from .loading import load_pretrained
 
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
         return load_pretrained(cls, name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype,
-                               device=device, revision=revision, cache_dir=cache_dir,
-                               local_files_only=local_files_only, token=token, quantization=quantization,
-                               **config_overrides)
+                               device=device, hub=hub, quantization=quantization, **config_overrides)
 
     def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB") -> None:
         """config.json + safetensors (sharded with an index past max_shard_size), as transformers."""

@@ -22,7 +22,10 @@ METHOD = "int8_weight_only"
 
 
 class Int8Linear(nn.Module):
-    """y = x · (weight_int8 * scale)ᵀ + bias through bloom_kernels.int8_linear."""
+    """y = x · (weight_int8 * scale)ᵀ + bias through bloom_kernels.int8_linear.
+
+    Called like bloom.model.BloomLinear, which it replaces: `forward(x, with_bias=...)`, `partial_product`.
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, device=None,
                  dtype: torch.dtype | None = None):
@@ -44,6 +47,11 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
         return bk.int8_linear(x, self.weight, self.scale, self.bias if with_bias else None)
+
+    def partial_product(self, x: Tensor, lo: int, hi: int) -> Tensor:
+        """x[..., lo:hi] · W[:, lo:hi]ᵀ, no bias (see bloom.model.tp_sliced_linear); the per-output-channel
+        scale applies to every slice of a row alike."""
+        return bk.int8_linear(x[..., lo:hi], self.weight[:, lo:hi].contiguous(), self.scale)
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         return (self.weight.float() * self.scale[:, None]).to(dtype)

@@ -37,17 +37,17 @@ def check_shape(name: str, value: Tensor, expected: tuple, what: str = "") -> No
         raise ValueError(f"{name} must have shape {shown}{extra}; got {tuple(value.shape)}")
 
 
-def check_same_device(**tensors: Tensor | None) -> None:
+def _check_same(what: str, attribute: str, error: type[Exception], tensors: dict) -> None:
     present = {n: t for n, t in tensors.items() if t is not None}
-    devices = {t.device for t in present.values()}
-    if len(devices) > 1:
-        listing = ", ".join(f"{n} on {t.device}" for n, t in present.items())
-        raise ValueError(f"all tensors must be on the same device; got {listing}")
+    if len({getattr(t, attribute) for t in present.values()}) > 1:
+        listing = ", ".join(f"{n} {'on ' if attribute == 'device' else ''}{getattr(t, attribute)}"
+                            for n, t in present.items())
+        raise error(f"{what}; got {listing}")
+
+
+def check_same_device(**tensors: Tensor | None) -> None:
+    _check_same("all tensors must be on the same device", "device", ValueError, tensors)
 
 
 def check_same_dtype(**tensors: Tensor | None) -> None:
-    present = {n: t for n, t in tensors.items() if t is not None}
-    dtypes = {t.dtype for t in present.values()}
-    if len(dtypes) > 1:
-        listing = ", ".join(f"{n} {t.dtype}" for n, t in present.items())
-        raise TypeError(f"tensors must share one dtype; got {listing}")
+    _check_same("tensors must share one dtype", "dtype", TypeError, tensors)

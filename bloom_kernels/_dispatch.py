@@ -6,11 +6,13 @@
                                      an input the kernel cannot take is an error, not a silent fallback
     BLOOM_KERNELS_BACKEND=reference  always the eager reference
 
-The variable is read on every call, so tests and users can switch it at run time. A kernel module
-registers itself in `TRITON_OPS` and provides, for its op, a callable `run` with the op's signature and
-`unsupported(*args, **kwargs) -> str | None` giving the reason an input cannot take the kernel.
-Nothing here imports triton at import time: a CPU-only install without triton still works, and `auto`
-on CPU tensors never imports it.
+The variable is read on every call, so tests and users can switch it at run time. `TRITON_OPS` maps
+each op to the module of its kernel under bloom_kernels/triton/ (a name that shadows no public op),
+imported on the first call that may take the kernel; the module provides `<op>`, a callable with the
+op's signature, and `<op>_unsupported(*args, **kwargs) -> str | None`, the reason an (already
+validated) input cannot take the kernel. Kernel modules never import this module or the public ops:
+the arrow points one way, ops -> _dispatch -> triton/<kernel>. Nothing here imports triton at import
+time: a CPU-only install without triton still works, and `auto` on CPU tensors never imports it.
 
 Fallback on a GPU the kernels were not tested on (`auto` only). The kernel call `select` returns is
 guarded: if it raises an error that means "this kernel cannot be built or launched here" (see
@@ -52,18 +54,18 @@ from typing import Callable
 
 import torch
 
-from . import reference
+from . import cpu, reference
+from .triton._launch import triton_interpreting
 
 BACKEND_ENV = "BLOOM_KERNELS_BACKEND"
 BACKENDS = ("auto", "triton", "reference")
 
 # op name -> module holding its Triton kernel (attributes `<op>` and `<op>_unsupported`).
-# An op whose module does not exist (yet) always runs the reference.
 TRITON_OPS: dict[str, str] = {
-    "alibi_attention": "bloom_kernels.attention",
-    "bias_gelu": "bloom_kernels.bias_gelu",
-    "layer_norm": "bloom_kernels.layer_norm",
-    "int8_linear": "bloom_kernels.int8_linear",
+    "alibi_attention": "bloom_kernels.triton.attention",
+    "bias_gelu": "bloom_kernels.triton.bias_gelu",
+    "layer_norm": "bloom_kernels.triton.layer_norm",
+    "int8_linear": "bloom_kernels.triton.int8_linear",
 }
 
 # How many times each (op, backend) was chosen; tests read it to prove which path ran.
@@ -80,10 +82,6 @@ def requested_backend() -> str:
     if value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}; got {value!r}")
     return value
-
-
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 _kernel_modules: dict[str, ModuleType | None] = {}
@@ -106,13 +104,7 @@ def _find_kernel_module(op: str) -> ModuleType | None:
         return None
     if importlib.util.find_spec("triton") is None:
         return None
-    module = importlib.import_module(name)
-    # Importing bloom_kernels.<op> binds the submodule as the package attribute <op>, hiding the
-    # public function of the same name: put the public op back.
-    package = sys.modules[__package__]
-    if getattr(package, op, None) is module:
-        setattr(package, op, getattr(importlib.import_module(".ops", __package__), op))
-    return module
+    return importlib.import_module(name)
 
 
 def kernels_usable_here() -> bool:
@@ -328,3 +320,13 @@ def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Calla
     if torch.compiler.is_compiling():
         return kernel_fn  # tracing runs fake kernels: nothing to catch here (see the docstring)
     return _guarded(op, kernel_fn, tensors, fall_back=mode == "auto")
+
+
+def select_linear(x: torch.Tensor) -> Callable:
+    """The implementation of `linear` for this input: the CPU route of cpu.py for CPU tensors (unless
+    the reference is forced), else the reference (F.linear: cuBLAS on a GPU)."""
+    if x.device.type == "cpu" and requested_backend() != "reference":
+        dispatch_counts[("linear", "cpu")] += 1
+        return cpu.linear
+    dispatch_counts[("linear", "reference")] += 1
+    return reference.linear

@@ -36,13 +36,9 @@ import contextlib
 import importlib
 import itertools
 import json
-import math
 import multiprocessing
 import os
-import re
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -53,25 +49,15 @@ from triton.compiler.compiler import make_backend
 from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from ._launch import GpuSpec, planning_for
+from .triton._launch import GpuSpec, planning_for
+from ._ptxas import Result, occupancy, problems, read_ptxas
 from .shapes import BLOOM_SHAPES, bloom_shape
 
-# Compute capability -> the card the launchers plan for (SMs, opt-in shared memory per block) and
-# the shared memory one SM holds (for the occupancy bound).
+# Compute capability -> the card the launchers plan for (SMs, opt-in shared memory per block).
 TARGETS = {
     80: GpuSpec("A100 (sm_80)", 80, 108, 166_912),
     90: GpuSpec("H100 (sm_90)", 90, 132, 232_448),
 }
-SMEM_PER_SM = {80: 167_936, 90: 233_472}
-REGISTERS_PER_SM = 65_536
-MAX_WARPS_PER_SM = 64
-
-# Kernels whose sm_90 build must use wgmma and carry no ptxas performance warning.
-ATTENTION_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel", "_decode_kernel")
-WGMMA_KERNELS = ("_attn_fwd_kernel", "_attn_bwd_dq_kernel", "_attn_bwd_dkdv_kernel")
-# _int8_matmul_kernel's large-M tiles (BLOCK_M >= 64) must use wgmma too; the 16-row decode tiles
-# are below wgmma's 64-row minimum and run mma.sync by design.
-WGMMA_MIN_BLOCK_M = 64
 
 DEFAULT_MODELS = ("bloom-560m", "bloom-3b", "bloom-7b1", "bloom")  # head dims 64, 80, 128; N 14,336
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,8 +94,7 @@ def _recording_launches(log: list, case: list):
 
 
 def _module(name: str):
-    # by name: the package attribute `layer_norm` etc. is the public op, not the kernel module
-    return importlib.import_module(f"{__package__}.{name}")
+    return importlib.import_module(f"{__package__}.triton.{name}")
 
 
 def _meta(*shape, dtype=torch.bfloat16):
@@ -177,10 +162,10 @@ def _int8_cases(model, dtype, token_counts, training_counts):
             x, dy = _meta(m, k, dtype=dtype), _meta(m, n, dtype=dtype)
 
             def run(x=x, dy=dy, weight=weight, scale=scale, bias=bias, path=path, m=m, n=n, k=k):
-                for cfg in q8._candidates(path, m, n, k, device):
+                for cfg in q8.candidates(path, m, n, k, device):
                     q8._launch(x, weight, scale, bias, cfg)
                 if m in training_counts:  # dx: training
-                    for cfg in q8._candidates(path, m, k, n, device):
+                    for cfg in q8.candidates(path, m, k, n, device):
                         q8._launch(dy, weight.t(), scale, None, cfg, scale_on_k=True)
             yield f"int8 {path} M={m} N={n} K={k}", run
 
@@ -279,13 +264,23 @@ def _variant(jit: JITFunction, args, kw, capability, case) -> Variant:
     config = " ".join(f"{n}={constexprs[n]}" for n in _CONFIG_NAMES if n in constexprs) + f" w{warps} s{stages}"
     # the constexprs that are not the config, and the integers that are not multiples of 16 (Triton
     # specialises on that); unit strides, constexprs too, are the same in every variant
-    odd = [n for n, (kind, attr) in zip(bound, specialization) if kind[0] in "iu" and attr != "D"
+    odd = [n for n, (kind, attr) in _flat_args(bound, specialization) if kind[0] in "iu" and attr != "D"
            and n not in constexprs]
     spec = " ".join([",".join(tensor_dtypes)] + [f"{n}={_short(v)}" for n, v in constexprs.items()
                                                  if n not in _CONFIG_NAMES and not n.startswith("stride")]
                     + ([f"~16:{','.join(odd)}"] if odd else []))
     key = (jit.fn.__name__, capability, str(specialization), warps, stages)
     return Variant(jit.fn.__name__, capability, config, spec, case, key, jit, args, kw)
+
+
+def _flat_args(bound: dict, specialization: list):
+    """(name, (kind, attr)) of every scalar argument; a tuple argument (a tensor's strides) gives
+    name[0], name[1], ..."""
+    for name, (kind, attr) in zip(bound, specialization):
+        if isinstance(kind, tuple):
+            yield from ((f"{name}[{i}]", (k, a)) for i, (k, a) in enumerate(zip(kind, attr)))
+        else:
+            yield name, (kind, attr)
 
 
 def _short(value) -> str:
@@ -303,27 +298,8 @@ def _binder(jit: JITFunction, backend):
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. compile and read ptxas
+# 3. compile, then read ptxas (_ptxas.py)
 # --------------------------------------------------------------------------------------------------
-@dataclass
-class Result:
-    kernel: str
-    target: str
-    config: str
-    spec: str
-    case: str
-    registers: int = 0
-    spill_stores: int = 0
-    spill_loads: int = 0
-    shared: int = 0
-    smem_limit: int = 0
-    occupancy: int = 0  # CTAs per SM allowed by registers, shared memory and warps
-    wgmma: bool = False
-    warnings: list = field(default_factory=list)
-    error: str = ""
-    seconds: float = 0.0
-
-
 def compile_variant(v: Variant) -> Result:
     spec = TARGETS[v.capability]
     result = Result(v.kernel_name, f"sm_{v.capability}", v.config, v.spec, v.case, smem_limit=spec.smem_per_block)
@@ -339,66 +315,13 @@ def compile_variant(v: Variant) -> Result:
         ptx = compiled.asm["ptx"]
         result.shared = int(compiled.metadata.shared)
         result.wgmma = "wgmma.mma_async" in ptx
-        _read_ptxas(result, ptx, v.capability)
+        read_ptxas(result, ptx, v.capability)
         warps = v.kwargs.get("num_warps", 4)
-        result.occupancy = _occupancy(result.registers, result.shared, warps, v.capability)
+        result.occupancy = occupancy(result.registers, result.shared, warps, v.capability)
     except Exception as exc:  # noqa: BLE001 - a failed compile is a result to report, not a crash
         result.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     result.seconds = time.perf_counter() - start
     return result
-
-
-def _read_ptxas(result: Result, ptx: str, capability: int) -> None:
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "kernel.ptx")
-        with open(path, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([get_ptxas(capability).path, "-v", f"--gpu-name={sm_arch_from_capability(capability)}",
-                              path, "-o", os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
-    if run.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {run.stderr.strip()[:500]}")
-    _parse_ptxas_log(result, run.stderr)
-
-
-def _parse_ptxas_log(result: Result, log: str) -> None:
-    """Registers, spill bytes and performance warnings from `ptxas -v` output."""
-    if m := re.search(r"Used (\d+) registers", log):
-        result.registers = int(m.group(1))
-    if m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log):
-        result.spill_stores, result.spill_loads = int(m.group(1)), int(m.group(2))
-    result.warnings = [line.split("info    : ", 1)[-1].strip() for line in log.splitlines()
-                       if "Performance" in line or "warning" in line.lower()]
-
-
-def _occupancy(registers: int, shared: int, warps: int, capability: int) -> int:
-    regs_per_warp = math.ceil(max(registers, 1) * 32 / 256) * 256  # allocated per warp in 256s
-    by_regs = REGISTERS_PER_SM // (regs_per_warp * warps)
-    by_smem = SMEM_PER_SM[capability] // shared if shared else 32
-    return max(0, min(by_regs, by_smem, MAX_WARPS_PER_SM // warps, 32))
-
-
-def problems(r: Result) -> list[str]:
-    """What is wrong with one compiled variant (empty: all checks pass)."""
-    found = []
-    if r.error:
-        return [f"does not compile: {r.error}"]
-    if r.spill_stores or r.spill_loads:
-        found.append(f"spills {r.spill_stores} B stores / {r.spill_loads} B loads per thread")
-    if r.shared > r.smem_limit:
-        found.append(f"needs {r.shared} B shared memory, the target allows {r.smem_limit}")
-    if r.target == "sm_90" and r.kernel in ATTENTION_KERNELS and r.warnings:
-        found.append("ptxas: " + "; ".join(w[:120] for w in r.warnings))
-    if r.target == "sm_90" and not r.wgmma and (
-            r.kernel in WGMMA_KERNELS
-            or (r.kernel == "_int8_matmul_kernel" and _config_value(r.config, "BLOCK_M") >= WGMMA_MIN_BLOCK_M)):
-        found.append("no wgmma on sm_90")
-    return found
-
-
-def _config_value(config: str, name: str) -> int:
-    m = re.search(rf"\b{name}=(\d+)", config)
-    return int(m.group(1)) if m else 0
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from . import reference
 from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
-from ._dispatch import select
+from ._dispatch import select, select_linear
 
 
 def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> Tensor:
@@ -123,7 +123,7 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | No
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., K) · weight (N, K)ᵀ + bias (N,) in x.dtype: F.linear, with a faster CPU route for
-    skinny inputs (see reference.linear). On the GPU it is F.linear (cuBLAS)."""
+    skinny inputs (cpu.linear). On the GPU it is F.linear (cuBLAS)."""
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
     if x.shape[-1] != weight.shape[1]:
@@ -134,4 +134,4 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         check_shape("bias", bias, (weight.shape[0],), "one bias per output feature")
     check_same_device(x=x, weight=weight, bias=bias)
     check_same_dtype(x=x, weight=weight, bias=bias)
-    return reference.linear(x, weight, bias)
+    return select_linear(x)(x, weight, bias)

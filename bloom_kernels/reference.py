@@ -1,8 +1,9 @@
 """Eager PyTorch definition of every bloom_kernels op.
 
-This file is the truth: the Triton kernels are tested against it, and it is the path every op takes
-on the CPU. Each op upcasts to fp32, computes, and casts back to the input dtype once, so a kernel
-that keeps fp32 inside and rounds once at the store should agree with it to the last bit or two.
+This file is the truth: the Triton kernels and the CPU routes of cpu.py are tested against it, and it
+is the path every op takes on the CPU (linear: cpu.py's route). Each op upcasts to fp32, computes, and
+casts back to the input dtype once, so a kernel that keeps fp32 inside and rounds once at the store
+should agree with it to the last bit or two.
 
 Ops:
     alibi_slopes(n_head)                                    -> (H,) fp32
@@ -30,12 +31,6 @@ GELU_CUBIC = 0.044715
 GELU_DERIV_CUBIC = 0.1070322243
 
 INT8_MAX = 127.0
-
-# `linear` on the CPU: inputs of at most this many rows against a weight of at least this many
-# elements take the row-block batched-matmul route (see `linear`).
-SKINNY_MAX_ROWS = 16
-SKINNY_MIN_WEIGHT = 1 << 20
-
 
 # --------------------------------------------------------------------------------------------------
 # ALiBi
@@ -99,14 +94,8 @@ def _masked_softmax(scores: Tensor) -> Tensor:
     return probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
 
 
-def alibi_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    slopes: Tensor,
-    attention_mask: Tensor | None = None,
-    scale: float | None = None,
-) -> Tensor:
+def alibi_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, attention_mask: Tensor | None = None,
+                    scale: float | None = None) -> Tensor:
     """softmax(q kᵀ·scale + slope_h·pos_j, causal, padded keys excluded) v, in fp32, cast to q.dtype.
 
     q (B, H, Sq, D), k/v (B, H, Sk, D) with Sq <= Sk, any strides; slopes (H,);
@@ -117,15 +106,8 @@ def alibi_attention(
     return torch.matmul(probs, v.float()).to(q.dtype)
 
 
-def alibi_attention_probs(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    slopes: Tensor,
-    attention_mask: Tensor | None = None,
-    scale: float | None = None,
-    dropout_p: float = 0.0,
-) -> tuple[Tensor, Tensor]:
+def alibi_attention_probs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, attention_mask: Tensor | None = None,
+                          scale: float | None = None, dropout_p: float = 0.0) -> tuple[Tensor, Tensor]:
     """alibi_attention that also returns the probabilities, with optional dropout on them.
 
     Dropout is applied to the probabilities in q.dtype with the same call and shape transformers
@@ -229,25 +211,5 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | No
 # float linear (the model's projections)
 # --------------------------------------------------------------------------------------------------
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), computed in x.dtype like nn.Linear.
-
-    On the CPU a skinny x (decode: <= SKINNY_MAX_ROWS rows) against a large weight runs as a batched
-    matmul over 4 (or 2) row blocks of the weight: MKL spreads that over its threads and streams the
-    weight at memory speed, where its skinny GEMM does not — measured on 2 cores, BLOOM's lm_head
-    (250880 x 1024) goes from 65 to 43 ms at one row and from 262 to 114 ms at eight. Same products,
-    summed in another order (fp32 rounding differences only).
-    """
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    skinny = (x.device.type == "cpu" and 0 < rows <= SKINNY_MAX_ROWS
-              and weight.numel() >= SKINNY_MIN_WEIGHT and weight.is_contiguous())
-    chunks = next((c for c in (4, 2) if out_features % c == 0), None)
-    if not skinny or chunks is None:
-        return F.linear(x, weight, bias)
-    blocks = weight.view(chunks, out_features // chunks, in_features)
-    xt = x.reshape(rows, in_features).t().expand(chunks, in_features, rows)
-    if bias is None:
-        y = torch.bmm(blocks, xt)
-    else:
-        y = torch.baddbmm(bias.view(chunks, -1, 1), blocks, xt)
-    return y.reshape(out_features, rows).t().contiguous().view(*x.shape[:-1], out_features)
+    """F.linear(x, weight, bias), computed in x.dtype like nn.Linear (the CPU route is cpu.linear)."""
+    return F.linear(x, weight, bias)

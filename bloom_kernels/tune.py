@@ -186,8 +186,8 @@ def tune(calls: list[Call], dtype_name: str, out=None) -> int:
     took); returns 0, or 1 if a call failed (the others still run)."""
     import torch
 
-    from . import _tuning
-    from ._launch import triton_interpreting
+    from .triton import _tuning
+    from .triton._launch import triton_interpreting
 
     out = out or sys.stdout
     if not torch.cuda.is_available():

@@ -32,6 +32,16 @@ def force_triton(monkeypatch):
 
 
 @pytest.fixture
+def poisoned():
+    """Every buffer the kernel launchers allocate (outputs and scratch) starts as NaN (integers: -1),
+    so an element a kernel fails to write fails the comparison."""
+    from bloom_kernels.triton._launch import poisoned_outputs  # imports neither triton nor the kernels
+
+    with poisoned_outputs():
+        yield
+
+
+@pytest.fixture
 def force_reference(monkeypatch):
     monkeypatch.setenv("BLOOM_KERNELS_BACKEND", "reference")
 

@@ -18,11 +18,6 @@ def triton_importable() -> bool:
     return True
 
 
-def poison_(t: torch.Tensor) -> torch.Tensor:
-    """Fill a tensor with NaN so an element a kernel forgets to write fails the comparison."""
-    return t.fill_(float("nan"))
-
-
 # --- random BLOOM weights and batches ----------------------------------------------------------------
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights that keep the network well conditioned (LN weights near 1)."""
@@ -36,14 +31,26 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.05 * noise)
 
 
-def left_padded_batch(vocab: int, lengths=(9, 6, 3), seed: int = 1):
+def left_padding_mask(key_len: int, *, lengths=None, pads=None, dtype=torch.int64, device="cpu") -> torch.Tensor:
+    """(B, Sk) 0/1 attention mask of a left-padded batch, as batched generation makes it: row b has
+    `lengths[b]` real tokens at the end (1) after `pads[b] = Sk - lengths[b]` padding slots (0).
+    Give either `lengths` or `pads`; B is their count."""
+    if (lengths is None) == (pads is None):
+        raise TypeError("left_padding_mask: give exactly one of lengths= and pads=")
+    pads = [key_len - n for n in lengths] if pads is None else list(pads)
+    mask = torch.ones(len(pads), key_len, dtype=dtype)
+    for row, pad in enumerate(pads):
+        mask[row, :pad] = 0
+    return mask.to(device)
+
+
+def left_padded_batch(vocab: int, lengths=(9, 6, 3), seed: int = 1, pad_id: int = 3):
+    """Random token ids (B, max(lengths)) left padded with `pad_id`, and their attention mask."""
     gen = torch.Generator().manual_seed(seed)
     total = max(lengths)
     ids = torch.randint(4, vocab, (len(lengths), total), generator=gen)
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        mask[row, total - n:] = 1
-        ids[row, : total - n] = 3  # pad id
+    mask = left_padding_mask(total, lengths=lengths)
+    ids[mask == 0] = pad_id
     return ids, mask
 
 

@@ -1,4 +1,5 @@
-"""ALiBi flash attention (bloom_kernels/attention.py, decode.py) against reference.alibi_attention.
+"""ALiBi flash attention (bloom_kernels/triton/attention.py, decode.py) against the float64 reference,
+through tests/kernel_harness.py.
 
 On a CPU the kernels run in Triton's interpreter (fp32 and fp16; its tl.dot cannot do bf16), with
 small odd sizes; the `gpu` tests check bf16/fp16 at BLOOM shapes with the flash-attention rule, the
@@ -9,17 +10,20 @@ import math
 
 import pytest
 import torch
-from helpers import HAS_CUDA, KERNEL_DEVICE, poison_
+from helpers import HAS_CUDA, KERNEL_DEVICE, left_padding_mask
+from kernel_harness import (alibi_attention64, check_compiled, check_cuda_graph, check_kernel, check_opcheck,
+                            check_public_name_survives_kernel_import, only_the_kernel_runs, qkv)
 
 import bloom_kernels as bk
-from bloom_kernels import _dispatch, attention, decode, reference
+from bloom_kernels import _dispatch, reference
+from bloom_kernels.triton import attention, decode
 
 # the interpreter's own numpy deprecation noise, thousands of times per test
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
-# (dtype, atol, rtol) against the fp32 reference on the same (rounded) inputs; outputs are O(1).
-# fp32: the same maths in fp32; only the summation order, exp2-vs-exp and the online rescaling
-#       differ: ~1e-6 seen (a few ulp), 1e-5 leaves room for sums over ~130 keys.
+# (dtype, atol, rtol) against the float64 reference on the same (rounded) inputs; outputs are O(1).
+# fp32: the same maths in fp32; the summation order, exp2-vs-exp and the online rescaling: ~1e-6
+#       seen (a few ulp), 1e-5 leaves room for sums over ~130 keys.
 # fp16: the kernel rounds the probabilities to fp16 for the P·V dot (as flash attention does, 2^-11
 #       relative each) and rounds the output to fp16 (ulp 2^-10 near 1): <= 9e-4 seen.
 #       Gradients go through two more fp16-rounded products (P for dV, dS for dQ/dK): <= 2.1e-3 seen.
@@ -27,76 +31,58 @@ FWD_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3)}
 GRAD_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3)}
 
 
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Every buffer the kernels allocate (outputs, LSE, delta, gradients, split scratch) starts NaN."""
-    def poisoned_empty(shape, dtype, device):
-        return poison_(torch.empty(shape, dtype=dtype, device=device))
-    monkeypatch.setattr(attention, "_empty", poisoned_empty)
-
-
-def _left_padding_mask(batch, key_len, pads, dtype=torch.int64):
-    """(B, Sk) mask with pads[b] leading zeros in row b (left padding, as in batched generation)."""
-    mask = torch.ones(batch, key_len, dtype=dtype)
-    for b, pad in enumerate(pads):
-        mask[b, :pad] = 0
-    return mask.to(KERNEL_DEVICE)
+def _mask(key_len, pads):
+    """Left padding: pads[b] leading zeros in row b, as in batched generation."""
+    return left_padding_mask(key_len, pads=pads, device=KERNEL_DEVICE)
 
 
 def _inputs(batch, heads, q_len, k_len, head_dim, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(batch, heads, n, head_dim, generator=gen).to(KERNEL_DEVICE, dtype)
-               for n in (q_len, k_len, k_len))
+    q, k, v = qkv(batch, heads, q_len, k_len, head_dim, dtype, seed, device=KERNEL_DEVICE)
     return q, k, v, bk.alibi_slopes(heads, device=KERNEL_DEVICE)
 
 
 def _compare(q, k, v, slopes, mask=None, scale=None, grad=True):
-    """Kernel (forced triton) vs the fp32 reference on the same inputs: output and q/k/v grads."""
-    dtype = q.dtype
-    ours = [t.detach().clone().requires_grad_(grad) for t in (q, k, v)]
-    ref = [t.detach().float().clone().requires_grad_(grad) for t in (q, k, v)]
-    out = bk.alibi_attention(*ours, slopes, mask, scale)
-    expected = reference.alibi_attention(*ref, slopes, mask, scale)
-    assert out.dtype == dtype and out.shape == expected.shape
-    atol, rtol = FWD_TOL[dtype]
-    torch.testing.assert_close(out.float(), expected, atol=atol, rtol=rtol)
-    if grad:
-        upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).to(q.device)
-        out.backward(upstream.to(dtype))
-        expected.backward(upstream)
-        atol, rtol = GRAD_TOL[dtype]
-        for name, a, b in zip("qkv", ours, ref):
-            assert a.grad.dtype == dtype
-            torch.testing.assert_close(a.grad.float(), b.grad, atol=atol, rtol=rtol, msg=lambda m, name=name: f"d{name}: {m}")
-    return out, expected
+    """Kernel (forced triton, poisoned buffers) vs the float64 reference on the same inputs: the output
+    and, with `grad`, the q/k/v gradients. Returns (kernel output, reference output)."""
+    got, want = check_kernel(bk.alibi_attention, alibi_attention64,
+                             {"q": q, "k": k, "v": v, "slopes": slopes, "mask": mask, "scale": scale},
+                             grads=("q", "k", "v") if grad else (), tol=FWD_TOL, grad_tol=GRAD_TOL,
+                             dispatched="alibi_attention")
+    return got["out"], want["out"]
 
 
 # ------------------------------------------------------------------------------------------------
 # CPU (interpreter) and GPU: against the reference
 # ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+FP32, FP16 = torch.float32, torch.float16
+
+
+# Lengths past test_properties' (Sk <= 64) in both dtypes; the shorter ones in one each (the
+# properties draw both dtypes there).
 @pytest.mark.parametrize(
-    "batch, heads, q_len, k_len, head_dim",
+    "batch, heads, q_len, k_len, head_dim, dtype",
     [
-        (1, 2, 17, 17, 64),     # prefill, sizes that divide no block
-        (1, 3, 130, 130, 80),   # several query/key blocks, causal stages, non-pow2 D and H
-        (1, 2, 33, 130, 96),    # chunked prefill: Sq < Sk, diagonal offset by 97
-        (2, 2, 1, 130, 128),    # decode, split-KV + combine
-        (1, 2, 5, 47, 64),      # a few decode tokens against a short cache
-        (1, 1, 24, 24, 8),      # tiny head dim (padded to a 16-wide tile)
+        (1, 2, 17, 17, 64, FP32),     # prefill, sizes that divide no block
+        (1, 3, 130, 130, 80, FP32),   # several query/key blocks, causal stages, non-pow2 D and H
+        (1, 3, 130, 130, 80, FP16),
+        (1, 2, 33, 130, 96, FP32),    # chunked prefill: Sq < Sk, diagonal offset by 97
+        (1, 2, 33, 130, 96, FP16),
+        (2, 2, 1, 130, 128, FP32),    # decode, split-KV + combine
+        (2, 2, 1, 130, 128, FP16),
+        (1, 2, 5, 47, 64, FP16),      # a few decode tokens against a short cache
+        (1, 1, 24, 24, 8, FP16),      # tiny head dim (padded to a 16-wide tile)
     ],
 )
-def test_matches_reference(force_triton, batch, heads, q_len, k_len, head_dim, dtype):
+def test_matches_reference(batch, heads, q_len, k_len, head_dim, dtype):
     _compare(*_inputs(batch, heads, q_len, k_len, head_dim, dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("q_len, k_len", [(70, 70), (3, 70), (1, 130)])
-def test_left_padded_batch(force_triton, q_len, k_len, dtype):
+@pytest.mark.parametrize("q_len, k_len, dtype", [(70, 70, FP16), (3, 70, FP32), (1, 130, FP32), (1, 130, FP16)])
+def test_left_padded_batch(q_len, k_len, dtype):
     """Different padding per row; with Sq == Sk the queries at padded positions see no key -> 0."""
     pads = [0, 5, 40]
     q, k, v, slopes = _inputs(3, 2, q_len, k_len, 64, dtype)
-    mask = _left_padding_mask(3, k_len, pads)
+    mask = _mask(k_len, pads)
     out, expected = _compare(q, k, v, slopes, mask)
     if q_len == k_len:
         assert torch.count_nonzero(out[2, :, : pads[2]]) == 0
@@ -109,14 +95,14 @@ def test_sizes_that_divide_the_blocks(force_triton, dtype):
     and Sq = 16, the longest query run the decode kernel takes."""
     q, k, v, slopes = _inputs(2, 2, 64, 96, 64, dtype)
     _compare(q, k, v, slopes)
-    _compare(q, k, v, slopes, _left_padding_mask(2, 96, [0, 50]))
+    _compare(q, k, v, slopes, _mask(96, [0, 50]))
     _compare(*_inputs(1, 2, attention.DECODE_MAX_QUERIES, 40, 64, dtype))
 
 
-def test_mask_dtypes_agree(force_triton):
+def test_mask_dtypes_agree(force_triton, poisoned):
     """int, bool and float 0/1 masks are the same mask."""
     q, k, v, slopes = _inputs(2, 2, 20, 20, 64, torch.float32)
-    mask = _left_padding_mask(2, 20, [0, 7])
+    mask = _mask(20, [0, 7])
     outs = [bk.alibi_attention(q, k, v, slopes, mask.to(dt)) for dt in (torch.int64, torch.bool, torch.float32)]
     torch.testing.assert_close(outs[0], outs[1], atol=0, rtol=0)
     torch.testing.assert_close(outs[0], outs[2], atol=0, rtol=0)
@@ -131,30 +117,24 @@ def test_non_power_of_two_heads_and_scale(force_triton):
 
 
 @pytest.mark.parametrize("q_len", [19, 1])
-def test_strided_views_of_fused_qkv(force_triton, q_len):
+def test_strided_views_of_fused_qkv(q_len):
     """q/k/v as BLOOM's views of the fused (B, S, H, 3, D) projection; grads land in the fused tensor."""
     batch, seq, heads, head_dim = 2, 19, 3, 64
     gen = torch.Generator().manual_seed(3)
     fused = torch.randn(batch, seq, heads * 3 * head_dim, generator=gen).to(KERNEL_DEVICE)
+    slopes = bk.alibi_slopes(heads, device=KERNEL_DEVICE)
+    mask = _mask(seq, [0, 4])
 
     def split(t):
         t = t.view(batch, seq, heads, 3, head_dim)
         q, k, v = (t[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, S, D), strided
         return q[:, :, seq - q_len:], k, v
 
-    slopes = bk.alibi_slopes(heads, device=KERNEL_DEVICE)
-    mask = _left_padding_mask(batch, seq, [0, 4])
-    ours, ref = fused.clone().requires_grad_(), fused.clone().requires_grad_()
-    q, k, v = split(ours)
+    q = split(fused)[0]
     assert not q.is_contiguous() and q.stride(2) == heads * 3 * head_dim
-    out = bk.alibi_attention(q, k, v, slopes, mask)
-    expected = reference.alibi_attention(*split(ref), slopes, mask)
-    torch.testing.assert_close(out, expected, atol=FWD_TOL[torch.float32][0], rtol=FWD_TOL[torch.float32][1])
-    upstream = torch.randn(expected.shape, generator=gen).to(KERNEL_DEVICE)
-    out.backward(upstream)
-    expected.backward(upstream)
-    atol, rtol = GRAD_TOL[torch.float32]
-    torch.testing.assert_close(ours.grad, ref.grad, atol=atol, rtol=rtol)
+    check_kernel(lambda t: bk.alibi_attention(*split(t), slopes, mask),
+                 lambda t: alibi_attention64(*split(t), slopes, mask), {"fused": fused}, grads=("fused",),
+                 tol=FWD_TOL, grad_tol=GRAD_TOL, dispatched="alibi_attention")
 
 
 @pytest.mark.parametrize("q_len", [1, 4, 20])
@@ -168,7 +148,7 @@ def test_slice_of_kv_cache_buffer(force_triton, q_len):
     cache_v[:, :, length:] = float("nan")
     q = torch.randn(batch, heads, q_len, head_dim, generator=gen).to(KERNEL_DEVICE)
     k, v = cache_k[:, :, :length], cache_v[:, :, :length]
-    mask = _left_padding_mask(batch, length, [0, 6])
+    mask = _mask(length, [0, 6])
     _compare(q, k, v, bk.alibi_slopes(heads, device=KERNEL_DEVICE), mask, grad=False)
 
 
@@ -176,13 +156,13 @@ def test_decode_paths_split_and_single(force_triton):
     """The decode kernel with several splits + combine, and with one split writing the output itself."""
     assert decode.num_splits(2 * 2, 130, KERNEL_DEVICE)[0] > 1
     q, k, v, slopes = _inputs(2, 2, 3, 130, 64, torch.float32)
-    _compare(q, k, v, slopes, _left_padding_mask(2, 130, [0, 100]), grad=False)
+    _compare(q, k, v, slopes, _mask(130, [0, 100]), grad=False)
     assert decode.num_splits(1 * 2, 20, KERNEL_DEVICE)[0] == 1
     q, k, v, slopes = _inputs(1, 2, 2, 20, 80, torch.float32)
     _compare(q, k, v, slopes, grad=False)
 
 
-def test_zero_length_queries(force_triton):
+def test_zero_length_queries(force_triton, poisoned):
     q, k, v, slopes = _inputs(1, 2, 0, 5, 64, torch.float32)
     k.requires_grad_()
     out = bk.alibi_attention(q, k, v, slopes)
@@ -194,18 +174,19 @@ def test_zero_length_queries(force_triton):
 # ------------------------------------------------------------------------------------------------
 # dispatch, errors, custom op
 # ------------------------------------------------------------------------------------------------
-def test_triton_path_ran(force_triton, monkeypatch):
+def test_triton_path_ran(force_triton, poisoned, monkeypatch):
+    """Forced triton: the dispatcher picks the kernel, the kernel launches, the reference never runs."""
     q, k, v, slopes = _inputs(1, 2, 9, 9, 64, torch.float32)
     expected = reference.alibi_attention(q, k, v, slopes)
-
-    def boom(*args, **kwargs):
-        raise AssertionError("the reference ran")
-
-    monkeypatch.setattr(reference, "alibi_attention", boom)
-    before = _dispatch.dispatch_counts[("alibi_attention", "triton")]
-    out = bk.alibi_attention(q, k, v, slopes)
-    assert _dispatch.dispatch_counts[("alibi_attention", "triton")] == before + 1
+    q.requires_grad_()
+    with only_the_kernel_runs(monkeypatch, attention, "alibi_attention"):
+        out = bk.alibi_attention(q, k, v, slopes)
+        out.sum().backward()
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_public_name_survives_the_kernel_import():
+    check_public_name_survives_kernel_import("alibi_attention")
 
 
 def test_unsupported_head_dim(force_triton):
@@ -250,34 +231,23 @@ def test_clear_errors(force_triton, change, error, match):
 
 
 def test_custom_op_opcheck():
-    """Fake (meta) implementation, schema and autograd registration are consistent with the kernel."""
-    q, k, v, slopes = _inputs(1, 2, 18, 18, 64, torch.float32)
-    positions = attention.key_positions(_left_padding_mask(1, 18, [3]))
-    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), slopes, positions, 0.125)
-    torch.library.opcheck(torch.ops.bloom_kernels.alibi_attention_fwd.default, args)
+    """Fake (meta) implementation, schema and autograd registration of both custom ops are consistent
+    with the kernels."""
+    q, k, v, slopes = _inputs(1, 1, 3, 5, 16, torch.float32)
+    positions = attention.key_positions(_mask(5, [2]))
+    args = (q, k, v, slopes, positions, 0.125)
+    check_opcheck(torch.ops.bloom_kernels.alibi_attention_fwd.default, args, grad=(0, 1, 2))
+    out, lse = torch.ops.bloom_kernels.alibi_attention_fwd(*args)
+    check_opcheck(torch.ops.bloom_kernels.alibi_attention_bwd.default,
+                  (torch.randn_like(out), q, k, v, out, lse, slopes, positions, 0.125))
 
 
-def test_traces_under_torch_compile_fullgraph(force_triton):
+def test_traces_under_torch_compile_fullgraph():
     """No graph break through the op, forward and backward (aot_eager: no C++ compiler needed)."""
     q, k, v, slopes = _inputs(1, 2, 20, 20, 64, torch.float32)
-    mask = _left_padding_mask(1, 20, [2])
-    compiled = torch.compile(lambda q, k, v: bk.alibi_attention(q, k, v, slopes, mask) * 2.0,
-                             backend="aot_eager", fullgraph=True)
-    _check_compiled(compiled, q, k, v, slopes, mask)
-
-
-def _check_compiled(compiled, q, k, v, slopes, mask):
-    ours = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = [t.float().clone().requires_grad_() for t in (q, k, v)]
-    out = compiled(*ours)
-    expected = reference.alibi_attention(*ref, slopes, mask) * 2.0
-    atol, rtol = FWD_TOL.get(q.dtype, (2e-2, 2e-2))
-    torch.testing.assert_close(out.float(), expected, atol=2 * atol, rtol=rtol)
-    out.float().sum().backward()
-    expected.sum().backward()
-    atol, rtol = GRAD_TOL.get(q.dtype, (5e-2, 5e-2))
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a.grad.float(), b.grad, atol=2 * atol, rtol=rtol)
+    mask = _mask(20, [2])
+    check_compiled(lambda q, k, v: bk.alibi_attention(q, k, v, slopes, mask) * 2.0, {"q": q, "k": k, "v": v},
+                   grads=("q", "k", "v"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,7 +307,7 @@ def _flash_rule(q, k, v, slopes, mask=None, grad=True):
 )
 def test_gpu_prefill_flash_rule(force_triton, batch, heads, seq, head_dim, pads, dtype):
     q, k, v, slopes = _inputs(batch, heads, seq, seq, head_dim, dtype)
-    mask = None if pads is None else _left_padding_mask(batch, seq, pads)
+    mask = None if pads is None else _mask(seq, pads)
     _flash_rule(q, k, v, slopes, mask)
 
 
@@ -351,44 +321,32 @@ def test_gpu_decode_and_chunked_prefill_against_long_cache(force_triton, batch, 
     cache_v = torch.randn(batch, heads, max_len, head_dim, generator=gen, device="cuda", dtype=dtype)
     q = torch.randn(batch, heads, q_len, head_dim, generator=gen, device="cuda", dtype=dtype)
     slopes = bk.alibi_slopes(heads, device="cuda")
-    mask = _left_padding_mask(batch, length, [0, 37, 5, 900][:batch])
+    mask = _mask(length, [0, 37, 5, 900][:batch])
     _flash_rule(q, cache_k[:, :, :length], cache_v[:, :, :length], slopes, mask, grad=q_len > 1)
 
 
 @pytest.mark.gpu
-def test_gpu_torch_compile_fullgraph(force_triton):
+def test_gpu_torch_compile_fullgraph():
     q, k, v, slopes = _inputs(2, 16, 300, 300, 64, torch.bfloat16)
-    mask = _left_padding_mask(2, 300, [0, 17])
-    compiled = torch.compile(lambda q, k, v: bk.alibi_attention(q, k, v, slopes, mask) * 2.0, fullgraph=True)
-    _check_compiled(compiled, q, k, v, slopes, mask)
+    mask = _mask(300, [0, 17])
+    check_compiled(lambda q, k, v: bk.alibi_attention(q, k, v, slopes, mask) * 2.0, {"q": q, "k": k, "v": v},
+                   grads=("q", "k", "v"))
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_decode_step(force_triton):
+def test_gpu_cuda_graph_decode_step():
     """Capture one decode step (static cache and mask buffers), replay it on new values."""
     batch, heads, max_len, head_dim = 2, 32, 4096, 128
     q, cache_k, cache_v, slopes = _inputs(batch, heads, 1, max_len, head_dim, torch.bfloat16)
     mask = torch.ones(batch, max_len, dtype=torch.int64, device="cuda")
     mask[1, :100] = 0
     mask[:, 3000:] = 0  # not yet written cache slots
-
-    def step():
-        return bk.alibi_attention(q, cache_k, cache_v, slopes, mask)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up: autotuning and compilation happen outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    initial, refills = mask, []
     for seed in (11, 12):
-        gen = torch.Generator(device="cuda").manual_seed(seed)
-        for t in (q, cache_k, cache_v):
-            t.copy_(torch.randn(t.shape, generator=gen, device="cuda"))
+        _, new_k, new_v, _ = _inputs(batch, heads, 1, max_len, head_dim, torch.bfloat16, seed=seed)
+        mask = mask.clone()
         mask[:, 3000 + seed] = 1
-        graph.replay()
-        expected = reference.alibi_attention(q.float(), cache_k.float(), cache_v.float(), slopes, mask)
-        torch.testing.assert_close(static_out.float(), expected, atol=2e-2, rtol=2e-2)
+        refills.append({"q": torch.randn_like(q), "k": new_k, "v": new_v, "mask": mask})
+    check_cuda_graph(bk.alibi_attention, alibi_attention64,
+                     {"q": q, "k": cache_k, "v": cache_v, "slopes": slopes, "mask": initial},
+                     refills, tol={torch.bfloat16: (2e-2, 2e-2)})

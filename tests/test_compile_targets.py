@@ -56,7 +56,7 @@ def compiled(request, tmp_path_factory):
 
 
 def _problems(results, check):
-    from bloom_kernels.compile_targets import Result, problems
+    from bloom_kernels._ptxas import Result, problems
     bad = []
     for r in results:
         found = [p for p in problems(Result(**r)) if check(p)]
@@ -118,22 +118,22 @@ ptxas info    : Used 255 registers, used 1 barriers
 
 
 def _result(**overrides):
-    from bloom_kernels.compile_targets import Result
+    from bloom_kernels._ptxas import Result
     fields = dict(kernel="_attn_fwd_kernel", target="sm_90", config="BLOCK_M=128 BLOCK_N=64 w8 s3", spec="bf16",
                   case="test", registers=200, shared=100_000, smem_limit=232_448, wgmma=True)
     return Result(**{**fields, **overrides})
 
 
 def test_ptxas_log_is_read():
-    from bloom_kernels import compile_targets as ct
+    from bloom_kernels import _ptxas
     r = _result()
-    ct._parse_ptxas_log(r, PTXAS_LOG)
+    _ptxas._parse_ptxas_log(r, PTXAS_LOG)
     assert (r.registers, r.spill_stores, r.spill_loads) == (255, 68, 128)
     assert len(r.warnings) == 1 and "C7515" in r.warnings[0]
 
 
 def test_problems_flag_each_failure():
-    from bloom_kernels.compile_targets import problems
+    from bloom_kernels._ptxas import problems
     assert problems(_result()) == []
     assert problems(_result(error="CompilationError: boom")) == ["does not compile: CompilationError: boom"]
     assert problems(_result(spill_stores=4))[0].startswith("spills 4 B")
@@ -148,7 +148,7 @@ def test_problems_flag_each_failure():
 
 
 def test_occupancy_bound():
-    from bloom_kernels.compile_targets import _occupancy
+    from bloom_kernels._ptxas import occupancy as _occupancy
     # 255 registers x 256 threads take the whole 64K register file: one CTA per SM
     assert _occupancy(255, 1024, 8, 90) == 1
     # 128 registers x 128 threads: 4 CTAs by registers; 100 KB of shared memory: 2 on sm_90

@@ -6,6 +6,7 @@ import torch
 import bloom.generation as generation
 from bloom import BloomCache, BloomConfig, BloomForCausalLM, CacheOverflowError
 from bloom.generation import top_k_filter, top_p_filter
+from helpers import left_padded_batch
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,14 +27,7 @@ def pair():
 
 
 def left_padded(lengths=(7, 4, 2), seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    total = max(lengths)
-    ids = torch.randint(4, CFG["vocab_size"], (len(lengths), total), generator=gen)
-    mask = torch.ones_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, : total - n] = PAD
-        mask[row, : total - n] = 0
-    return ids, mask
+    return left_padded_batch(CFG["vocab_size"], lengths=lengths, seed=seed, pad_id=PAD)
 
 
 def test_greedy_single_prompt_equals_transformers(pair):

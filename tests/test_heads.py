@@ -77,3 +77,24 @@ def test_a_head_loads_from_a_base_checkpoint_with_a_fresh_head(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.transformer(ids).last_hidden_state, theirs(ids).last_hidden_state,
                                    atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name, targets, length", [
+    ("BloomForSequenceClassification", {"labels": torch.tensor([0, 1, 1])}, 3),  # loss, logits, past
+    ("BloomForTokenClassification", {"labels": torch.zeros(3, 9, dtype=torch.long)}, 2),
+    ("BloomForQuestionAnswering", {"start_positions": torch.tensor([1, 2, 3]),
+                                   "end_positions": torch.tensor([4, 5, 6])}, 3),
+])
+def test_return_dict_false_gives_the_output_fields_that_are_not_none_in_order(name, targets, length):
+    ours, theirs = pair(name)
+    ids, mask = left_padded_batch(CFG["vocab_size"], lengths=(9, 9, 9))
+    with torch.no_grad():
+        for extra in ({}, targets, {**targets, "output_hidden_states": True}):
+            d = ours(ids, attention_mask=mask, **extra)
+            t = ours(ids, attention_mask=mask, return_dict=False, **extra)
+            ref = theirs(ids, attention_mask=mask, return_dict=False, **extra)
+            assert len(t) == len(d.to_tuple()) == len(ref)
+            for ours_value, dict_value in zip(t, d.to_tuple()):
+                if isinstance(ours_value, torch.Tensor):
+                    assert torch.equal(ours_value, dict_value)
+    assert len(ours(ids, attention_mask=mask, return_dict=False, **targets)) == length

@@ -1,5 +1,7 @@
 """from_pretrained / save_pretrained: round trips with transformers, and every error case (CPU, offline)."""
 
+import dataclasses
+import inspect
 import json
 import os
 import pickle
@@ -9,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from bloom import BloomConfig, BloomForCausalLM, BloomModel
-from bloom.hub import ModelNotFoundError
+from bloom.hub import HubOptions, ModelNotFoundError
 from bloom.loading import CheckpointError, parse_size
 
 transformers = pytest.importorskip("transformers")
@@ -223,3 +225,78 @@ def test_save_replaces_a_previous_sharding(tmp_path):
     assert parse_size("5GB") == 5 * 10**9 and parse_size("200MiB") == 200 * 2**20
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
+
+
+# --------------------------------------------------------------------------------------------------
+# HubOptions: the hub arguments travel as one object down to hf_hub_download
+# --------------------------------------------------------------------------------------------------
+HUB_KWARGS = dict(revision="v1.0", cache_dir="/some/cache", local_files_only=True, token="hf_secret")
+
+
+def test_hub_options_from_kwargs_and_to_kwargs():
+    import huggingface_hub
+
+    kwargs = {"revision": "main", "token": False, "torch_dtype": "auto"}
+    hub = HubOptions.from_kwargs(kwargs)
+    assert hub == HubOptions(revision="main", token=False)
+    assert kwargs == {"torch_dtype": "auto"}  # the hub keys are popped, the rest stays
+    assert HubOptions.from_kwargs({}) == HubOptions()
+    assert HubOptions(**HUB_KWARGS).to_kwargs() == HUB_KWARGS
+    assert set(HUB_KWARGS) <= set(inspect.signature(huggingface_hub.hf_hub_download).parameters)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        hub.revision = "other"
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """hf_hub_download answering from a local directory (config, weights, tokenizer); records calls."""
+    import huggingface_hub
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from helpers import train_bloom_like_tokenizer, write_tokenizer_dir
+
+    repo = tmp_path / "repo"
+    random_hf().save_pretrained(repo)
+    write_tokenizer_dir(repo, train_bloom_like_tokenizer())
+    calls = []
+
+    def hf_hub_download(*, repo_id, filename, **kwargs):
+        calls.append((repo_id, filename, kwargs))
+        if not (repo / filename).is_file():
+            raise EntryNotFoundError(filename)
+        return str(repo / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return calls
+
+
+def test_every_from_pretrained_passes_the_hub_arguments_to_each_download(fake_hub):
+    from bloom import BloomTokenizerFast
+
+    config = BloomConfig.from_pretrained("org/bloom", **HUB_KWARGS)
+    model = BloomForCausalLM.from_pretrained("org/bloom", **HUB_KWARGS)
+    tokenizer = BloomTokenizerFast.from_pretrained("org/bloom", **HUB_KWARGS)
+    assert config.vocab_size == model.config.vocab_size == CFG["vocab_size"] and tokenizer.vocab_size > 0
+    files = [filename for _, filename, _ in fake_hub]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(files)
+    assert all(repo == "org/bloom" and kwargs == HUB_KWARGS for repo, _, kwargs in fake_hub)
+    # Defaults when nothing is given: those of hf_hub_download's arguments.
+    fake_hub.clear()
+    BloomConfig.from_pretrained("org/bloom")
+    assert fake_hub == [("org/bloom", "config.json", HubOptions().to_kwargs())]
+
+
+def test_unknown_revision_is_named(monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    class NoRevision(RevisionNotFoundError):
+        def __init__(self):
+            Exception.__init__(self, "404")
+
+    def hf_hub_download(**kwargs):
+        raise NoRevision()
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    with pytest.raises(ModelNotFoundError, match=r"revision 'nope' not found in the hub repository org/bloom"):
+        BloomForCausalLM.from_pretrained("org/bloom", revision="nope")

@@ -5,6 +5,7 @@ import torch
 
 import bloom
 from bloom import BloomCache, BloomConfig, BloomForCausalLM, BloomModel
+from bloom.model import BloomLinear
 from helpers import left_padded_batch, randomize_
 
 transformers = pytest.importorskip("transformers")
@@ -291,3 +292,47 @@ def test_model_calls_only_bloom_kernels_ops(monkeypatch):
     assert calls.count("alibi_attention") == n
     assert calls.count("bias_gelu") == n
     assert calls.count("layer_norm") == 2 * n + 2  # 2 per block, embedding LN, ln_f
+
+
+def test_block_projections_are_linears_computed_by_bloom_kernels(monkeypatch):
+    """Every projection is an nn.Linear (BloomLinear) whose forward is bloom_kernels.linear; h->4h runs
+    without its bias, which goes to the fused bias-GeLU."""
+    import bloom_kernels
+
+    cfg = CONFIGS["heads3"]
+    model = BloomForCausalLM(BloomConfig(**cfg)).eval()
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert len(linears) == 4 * cfg["n_layer"] + 1
+    assert all(isinstance(m, BloomLinear) for m in linears.values())
+    calls = []
+    real_linear, real_bias_gelu = bloom_kernels.linear, bloom_kernels.bias_gelu
+
+    def linear(x, weight, bias=None):
+        calls.append((weight.shape, bias is not None))
+        return real_linear(x, weight, bias)
+
+    def bias_gelu(x, bias):
+        calls.append(("bias_gelu", bias.shape))
+        return real_bias_gelu(x, bias)
+
+    monkeypatch.setattr(bloom_kernels, "linear", linear)
+    monkeypatch.setattr(bloom_kernels, "bias_gelu", bias_gelu)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]))
+    E = cfg["hidden_size"]
+    block = [((3 * E, E), True), ((E, E), True),  # query_key_value, dense
+             ((4 * E, E), False), ("bias_gelu", (4 * E,)), ((E, 4 * E), True)]  # the MLP
+    assert calls == block * cfg["n_layer"] + [((cfg["vocab_size"], E), False)]
+
+
+def test_block_hands_on_the_residual_stream():
+    """BloomBlock: output hidden state = mlp_out + residual_stream, equal to transformers' block output."""
+    for name in ("heads3", "post_ln_residual"):
+        cfg = CONFIGS[name]
+        ours, theirs = model_pair(cfg, cls=BloomModel)
+        ids = torch.tensor([[4, 8, 15, 16, 23]])
+        with torch.no_grad():
+            a = ours(ids, output_hidden_states=True).hidden_states
+            b = theirs(ids, output_hidden_states=True).hidden_states
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, atol=ATOL, rtol=0)

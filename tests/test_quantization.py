@@ -97,6 +97,22 @@ def test_model_uses_bloom_kernels_int8_linear(monkeypatch):
     assert len(calls) == 4 * CFG["n_layer"] + 1
 
 
+def test_int8_slow_but_exact_tp_sums_slices_of_the_same_int8_weights():
+    """pretraining_tp=2 with slow_but_exact: each row-parallel int8 projection is the sum of its two
+    input slices (same per-channel scale), then the bias: it equals the tp=1 int8 model."""
+    torch.manual_seed(0)
+    exact = BloomForCausalLM(BloomConfig(**CFG, pretraining_tp=2, slow_but_exact=True)).eval()
+    with torch.no_grad():
+        for p in exact.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    plain = BloomForCausalLM(BloomConfig(**CFG)).eval()
+    plain.load_state_dict(exact.state_dict())
+    quantize_int8(exact), quantize_int8(plain)
+    assert exact.transformer.h[0].mlp.dense_4h_to_h.bias.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(exact(IDS).logits, plain(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_quantize_while_loading_equals_quantizing_the_loaded_model(tmp_path):
     random_model().save_pretrained(tmp_path)
     loaded = BloomForCausalLM.from_pretrained(tmp_path, quantization="int8")

@@ -130,7 +130,7 @@ def test_tune_table_reports_what_each_call_tuned_and_failures(tuning, capsys, mo
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a: None)
-    monkeypatch.setattr("bloom_kernels._launch.triton_interpreting", lambda: False)
+    monkeypatch.setattr("bloom_kernels.triton._launch.triton_interpreting", lambda: False)
     monkeypatch.setattr(tuning, "gpu_identity", lambda device=None: "NVIDIA Fake sm_90")
     seen_env = []
 
@@ -193,10 +193,10 @@ def test_module_runs_as_a_script():
 # --------------------------------------------------------------------------------------------------
 @pytest.fixture
 def tuning(monkeypatch, tmp_path):
-    """bloom_kernels._tuning with its caches in tmp_path and a fresh 'already noted' set."""
+    """bloom_kernels.triton._tuning with its caches in tmp_path and a fresh 'already noted' set."""
     if not triton_importable():
         pytest.skip("triton is not installed")
-    from bloom_kernels import _tuning
+    from bloom_kernels.triton import _tuning
 
     monkeypatch.setenv(_tuning.CACHE_DIR_ENV, str(tmp_path / "bk"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
@@ -225,7 +225,7 @@ def test_tuning_key_names_the_gpu_and_triton(tuning, monkeypatch):
 
 
 def test_gpu_identity_is_the_planned_gpu(tuning):
-    from bloom_kernels._launch import GpuSpec, planning_for
+    from bloom_kernels.triton._launch import GpuSpec, planning_for
     with planning_for(GpuSpec("NVIDIA H200", 90, 132, 232_448)):
         assert tuning.gpu_identity(torch.device("cuda", 0)) == "NVIDIA H200 sm_90"
     assert tuning.gpu_identity(torch.device("cpu")) == "cpu"
@@ -291,7 +291,7 @@ def int8_tuner(tuning, monkeypatch):
 
     import triton.testing
 
-    il = importlib.import_module("bloom_kernels.int8_linear")  # the package attribute is the public op
+    il = importlib.import_module("bloom_kernels.triton.int8_linear")  # the package attribute is the public op
     monkeypatch.setattr(il, "_TUNED", {})
     monkeypatch.setenv(il.TUNE_ENV, "1")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
@@ -310,7 +310,7 @@ def int8_tuner(tuning, monkeypatch):
 
 
 def test_int8_picks_persist_across_processes_per_gpu(tuning, int8_tuner, capsys, monkeypatch, tmp_path):
-    from bloom_kernels._launch import GpuSpec, planning_for
+    from bloom_kernels.triton._launch import GpuSpec, planning_for
     il = int8_tuner.il
     h100 = GpuSpec("NVIDIA H100 80GB HBM3", 90, 132, 232_448)
     with planning_for(h100):
@@ -502,7 +502,7 @@ def _subprocess(code_or_args, tmp_path, **env):
 
 AUTOTUNED_KERNEL = """
 import torch, triton, triton.language as tl
-from bloom_kernels._tuning import autotune
+from bloom_kernels.triton._tuning import autotune
 configs = [triton.Config({"BLOCK": b}, num_warps=4) for b in (64, 128, 256)]
 for c in configs:
     c.arch, c.tiles = 90, (64, 128)  # extra attributes, as attention.py's configs carry

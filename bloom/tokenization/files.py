@@ -15,7 +15,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from ..hub import resolve_file
+from ..hub import HubOptions, resolve_file
 from .state import SPECIAL_TOKENS_ATTRIBUTES
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -24,25 +24,24 @@ SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 
 
 def _from_pretrained_kwargs(
-    name_or_path: str | os.PathLike, kwargs: dict[str, Any], **where: Any
+    name_or_path: str | os.PathLike, kwargs: dict[str, Any], hub: HubOptions
 ) -> dict[str, Any]:
     """The BloomTokenizerFast(...) arguments of a local directory or hub id, `kwargs` taking precedence.
 
-    Precedence: tokenizer_config.json < special_tokens_map.json < `kwargs`. `where` holds
-    resolve_file's revision, cache_dir, local_files_only and token.
+    Precedence: tokenizer_config.json < special_tokens_map.json < `kwargs`.
     """
     try:
-        tokenizer_path = resolve_file(name_or_path, TOKENIZER_FILE, **where)
+        tokenizer_path = resolve_file(name_or_path, TOKENIZER_FILE, hub)
     except FileNotFoundError as err:
         raise FileNotFoundError(
             f"{err} (BloomTokenizerFast reads the `tokenizers` serialization {TOKENIZER_FILE})"
         ) from None
 
     init: dict[str, Any] = {}
-    config_path = resolve_file(name_or_path, TOKENIZER_CONFIG_FILE, required=False, **where)
+    config_path = resolve_file(name_or_path, TOKENIZER_CONFIG_FILE, hub, required=False)
     if config_path is not None:
         init.update(_read_json(config_path))
-    map_path = resolve_file(name_or_path, SPECIAL_TOKENS_MAP_FILE, required=False, **where)
+    map_path = resolve_file(name_or_path, SPECIAL_TOKENS_MAP_FILE, hub, required=False)
     if map_path is not None:
         for key, value in _read_json(map_path).items():
             if key in SPECIAL_TOKENS_ATTRIBUTES:

@@ -24,6 +24,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
+from ..hub import HubOptions
 from .encoding import BatchEncoding, _batch_encoding, _check_tensor_type, _text_batch, _to_py
 from .files import TOKENIZER_FILE, _from_pretrained_kwargs, _save_pretrained
 from .rules import VERY_LARGE_INTEGER, _check_side, _padding_and_truncation, _strategies
@@ -155,10 +156,8 @@ class BloomTokenizerFast:
         Reads tokenizer.json (required), tokenizer_config.json and special_tokens_map.json (optional).
         Precedence: tokenizer_config.json < special_tokens_map.json < keyword arguments.
         """
-        init = _from_pretrained_kwargs(
-            name_or_path, kwargs, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token
-        )
-        return cls(**init)
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        return cls(**_from_pretrained_kwargs(name_or_path, kwargs, hub))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
         """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into `save_directory`.

@@ -1,6 +1,6 @@
 """Split-KV (flash-decoding) ALiBi attention for short query lengths against a long KV cache.
 
-Same op and semantics as attention.py (which calls `decode_forward` when Sq <= 16): q (B, H, Sq, D)
+Same op and semantics as attention.py (which calls `forward` here when Sq <= DECODE_MAX_QUERIES): q (B, H, Sq, D)
 with Sq <= 16, k/v (B, H, Sk, D) read through their strides (typically `cache[:, :, :L]` of a
 (B, H, max_len, D) buffer), queries aligned to the end of the keys, ALiBi bias slope * pos per key,
 padded keys (pos = -1 in the positions tensor) excluded. fp16 / bf16 / fp32, fp32 inside.
@@ -25,8 +25,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._tuning import autotune
-from ._launch import sm_count, triton_interpreting
+from . import _attention_launch as tiles
+from ._alibi import (LOG2E, attend, head_ptr, head_slope, key_tiles, load_tile, softmax_finish,
+                     softmax_init, tile_ptrs)
+from ._launch import dot_precision, empty, head_dim_block, length_bucket, sm_count, triton_interpreting
+from ._tuning import autotune, mark_spills, spill_free
 
 MAX_SPLITS = 64  # the combine holds (splits x BLOCK_D) fp32 in registers
 
@@ -34,27 +37,23 @@ MAX_SPLITS = 64  # the combine holds (splits x BLOCK_D) fp32 in registers
 def _decode_configs():
     if triton_interpreting():  # the interpreter cannot time configs: exactly one
         return [triton.Config({"BLOCK_N": 16}, num_warps=4, num_stages=1)]
-    # (BLOCK_N, warps, stages, where): None everywhere; False not on the tight key (head dim below
-    # BLOCK_D, i.e. masked columns, with a padding mask and one split), True only there. On the tight
-    # key BLOCK_N=128 w8 s3 spills 4 B (128 registers) on sm_80 and sm_90 and BLOCK_N=64 w8 s4 spills
+    # (BLOCK_N, warps, stages, the cases where it spills). The case is "tight" (head dim below BLOCK_D,
+    # i.e. masked columns, with a padding mask and one split) or "loose" (any other). On the tight case
+    # BLOCK_N=128 w8 s3 spills 4 B (128 registers) on sm_80 and sm_90 and BLOCK_N=64 w8 s4 spills
     # 4 B (80 registers) on sm_90 (ptxas, Triton 3.6, head dims 80 and 96, bf16 and fp16); one stage
-    # fewer does not: BLOCK_N=128 w8 s2 and BLOCK_N=64 w8 s3 take their place there.
-    rows = [(32, 4, 3, None), (64, 4, 3, None), (64, 4, 4, None), (128, 4, 3, None),
-            (128, 8, 3, False), (128, 8, 2, True), (64, 8, 4, False), (64, 8, 3, True)]
-    configs = []
-    for bn, w, s, tight in rows:
-        config = triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s)
-        config.tight = tight  # read by _prune_decode
-        configs.append(config)
-    return configs
+    # fewer does not: BLOCK_N=128 w8 s2 and BLOCK_N=64 w8 s3 take their place there (and only there).
+    rows = [(32, 4, 3, ()), (64, 4, 3, ()), (64, 4, 4, ()), (128, 4, 3, ()),
+            (128, 8, 3, ("tight",)), (128, 8, 2, ("loose",)), (64, 8, 4, ("tight",)), (64, 8, 3, ("loose",))]
+    return [mark_spills(triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s), spills=spills)
+            for bn, w, s, spills in rows]
 
 
 def _prune_decode(configs, named_args, **kwargs):
-    """Keep the configs of this key's kind (see _decode_configs); the key holds HEAD_DIM, HAS_MASK and
-    SPLIT, so every launch of a key keeps the same list."""
+    """Keep the configs that do not spill in this key's case (see _decode_configs); the key holds
+    HEAD_DIM, HAS_MASK and SPLIT, so every launch of a key keeps the same list."""
     args = {**named_args, **kwargs}
     tight = args["HEAD_DIM"] < args["BLOCK_D"] and bool(args["HAS_MASK"]) and not args["SPLIT"]
-    return [c for c in configs if getattr(c, "tight", None) in (None, tight)] or configs[:1]
+    return spill_free(configs, arch=None, case="tight" if tight else "loose")
 
 
 @autotune(configs=_decode_configs(), key=["K_BUCKET", "HEAD_DIM", "HAS_MASK", "SPLIT"],
@@ -68,11 +67,7 @@ def _decode_kernel(
     lse_ptr,  # (B, H, Sq) fp32 contiguous (written only without SPLIT)
     part_o_ptr,  # (B, H, NUM_SPLITS, Sq, BLOCK_D) fp32 contiguous (written only with SPLIT)
     part_lse_ptr,  # (B, H, NUM_SPLITS, Sq) fp32 contiguous (written only with SPLIT)
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pb, stride_pn,
-    stride_ob, stride_oh, stride_om, stride_od,
+    q_strides, k_strides, v_strides, pos_strides, out_strides,  # each tensor's .stride()
     qk_scale,  # scale * log2(e)
     NUM_HEADS, Q_LEN, K_LEN, KEYS_PER_SPLIT, NUM_SPLITS, K_BUCKET,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -88,46 +83,20 @@ def _decode_kernel(
     rows = tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d[None, :] < HEAD_DIM
 
-    q = tl.load(q_ptr + off_b * stride_qb + off_h * stride_qh + rows[:, None] * stride_qm
-                + offs_d[None, :] * stride_qd, mask=(rows[:, None] < Q_LEN) & d_ok, other=0.0)
-    k_base = k_ptr + off_b * stride_kb + off_h * stride_kh
-    v_base = v_ptr + off_b * stride_vb + off_h * stride_vh
-    k_rel = offs_n0[:, None] * stride_kn + offs_d[None, :] * stride_kd
-    v_rel = offs_n0[:, None] * stride_vn + offs_d[None, :] * stride_vd
-    pos_base = pos_ptr + off_b * stride_pb
-    slope2 = tl.load(slopes_ptr + off_h) * 1.4426950408889634
+    q = load_tile(tile_ptrs(head_ptr(q_ptr, q_strides, off_b, off_h), rows, offs_d, q_strides), rows,
+                  Q_LEN, offs_d, True, HEAD_DIM, BLOCK_D)
+    keys = key_tiles(k_ptr, v_ptr, k_strides, v_strides, off_b, off_h, offs_n0, offs_d)
+    slope2 = head_slope(slopes_ptr, off_h)
 
-    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)  # finite: all-masked rows stay NaN-free
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + offs_n0
-        in_split = offs_n < hi  # keys past hi belong to the next split
-        k = tl.load(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_rel, mask=in_split[:, None] & d_ok,
-                    other=0.0)
-        v = tl.load(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_rel, mask=in_split[:, None] & d_ok,
-                    other=0.0)
-        if HAS_MASK:
-            pos = tl.load(pos_base + offs_n * stride_pn, mask=in_split, other=-1.0)
-            bias = tl.where(pos >= 0, slope2 * (pos - key_off.to(tl.float32)), float("-inf"))
-        else:
-            bias = slope2 * (offs_n - key_off).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
-        visible = (key_off + rows[:, None] >= offs_n[None, :]) & in_split[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.math.exp2(s - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    # one causal stage over this split's keys [lo, hi): keys past hi belong to the next split
+    acc, l_i, m_i = softmax_init(BLOCK_M, BLOCK_D)
+    acc, l_i, m_i = attend(acc, l_i, m_i, q, keys, pos_ptr + off_b * pos_strides[0], pos_strides[1], rows, offs_n0,
+                           offs_d, lo, hi, hi, key_off, key_off, slope2, qk_scale, HEAD_DIM, BLOCK_D,
+                           HAS_MASK, CAUSAL=True, MASK_KEYS=True, SPLIT_END=True, CARRY_POS=False,
+                           DOT_PRECISION=DOT_PRECISION)
 
-    has_key = l_i > 0.0
-    l_safe = tl.where(has_key, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    lse = m_i + tl.math.log2(l_safe)
+    out, lse, has_key = softmax_finish(acc, l_i, m_i)
     row_ok = rows < Q_LEN
     if SPLIT:
         part = ((off_b * NUM_HEADS + off_h) * NUM_SPLITS + split) * Q_LEN + rows
@@ -136,9 +105,9 @@ def _decode_kernel(
     else:
         lse = tl.where(has_key, lse - slope2 * rows.to(tl.float32), float("inf"))
         tl.store(lse_ptr + (off_b * NUM_HEADS + off_h) * Q_LEN + rows, lse, mask=row_ok)
-        tl.store(out_ptr + off_b * stride_ob + off_h * stride_oh + rows[:, None] * stride_om
-                 + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
-                 mask=row_ok[:, None] & d_ok)
+        tl.store(tile_ptrs(head_ptr(out_ptr, out_strides, off_b, off_h), rows, offs_d, out_strides),
+                 out.to(out_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 @triton.jit
@@ -148,7 +117,7 @@ def _combine_kernel(
     slopes_ptr,  # (H,) fp32
     out_ptr,  # (B, H, Sq, D) q.dtype, any strides
     lse_ptr,  # (B, H, Sq) fp32 contiguous
-    stride_ob, stride_oh, stride_om, stride_od,
+    out_strides,
     NUM_HEADS, Q_LEN, NUM_SPLITS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -166,11 +135,11 @@ def _combine_kernel(
     o_s = tl.load(part_o_ptr + part[:, None] * BLOCK_D + offs_d[None, :],
                   mask=offs_s[:, None] < NUM_SPLITS, other=0.0)
     out = tl.sum(w[:, None] * o_s, 0) / tl.where(w_sum > 0.0, w_sum, 1.0)
-    slope2 = tl.load(slopes_ptr + off_h) * 1.4426950408889634
+    slope2 = head_slope(slopes_ptr, off_h)
     lse = tl.where(w_sum > 0.0, m + tl.math.log2(w_sum) - slope2 * row.to(tl.float32), float("inf"))
     tl.store(lse_ptr + (off_b * NUM_HEADS + off_h) * Q_LEN + row, lse)
-    tl.store(out_ptr + off_b * stride_ob + off_h * stride_oh + row.to(tl.int64) * stride_om
-             + offs_d * stride_od, out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(head_ptr(out_ptr, out_strides, off_b, off_h) + row.to(tl.int64) * out_strides[2]
+             + offs_d * out_strides[3], out.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 def num_splits(batch_heads: int, k_len: int, device: torch.device) -> tuple[int, int]:
@@ -187,34 +156,29 @@ def num_splits(batch_heads: int, k_len: int, device: torch.device) -> tuple[int,
     return triton.cdiv(k_len, keys), keys
 
 
-def decode_forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, positions: Tensor | None,
-                   scale: float, out: Tensor, lse: Tensor, alloc) -> None:
-    """Fill out (B, H, Sq, D) and lse (B, H, Sq) fp32; `alloc(shape, dtype, device)` gives scratch."""
+def forward(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, positions: Tensor | None, scale: float,
+            out: Tensor, lse: Tensor) -> None:
+    """Fill out (B, H, Sq, D) and lse (B, H, Sq) fp32 for Sq <= 16 queries."""
     batch, heads, q_len, head_dim = q.shape
     k_len = k.shape[2]
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d = head_dim_block(head_dim)
     splits, keys_per_split = num_splits(batch * heads, k_len, q.device)
     split = splits > 1
     if split:
-        part_o = alloc((batch, heads, splits, q_len, block_d), torch.float32, q.device)
-        part_lse = alloc((batch, heads, splits, q_len), torch.float32, q.device)
+        part_o = empty((batch, heads, splits, q_len, block_d), torch.float32, q.device)
+        part_lse = empty((batch, heads, splits, q_len), torch.float32, q.device)
     else:
         part_o = part_lse = lse  # never touched
-    if positions is None:
-        pos, stride_pb, stride_pn = slopes, 0, 0  # never read
-    else:
-        pos, (stride_pb, stride_pn) = positions, positions.stride()
+    pos, pos_strides, has_mask = tiles.positions_arg(positions, slopes)
     _decode_kernel[(splits, heads, batch)](
         q, k, v, slopes, pos, out, lse, part_o, part_lse,
-        *q.stride(), *k.stride(), *v.stride(), stride_pb, stride_pn, *out.stride(),
-        scale * 1.4426950408889634, heads, q_len, k_len, keys_per_split, splits,
-        min(triton.next_power_of_2(k_len), 65536),
+        q.stride(), k.stride(), v.stride(), pos_strides, out.stride(),
+        scale * LOG2E.value, heads, q_len, k_len, keys_per_split, splits, length_bucket(k_len, 65536),
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=max(16, triton.next_power_of_2(q_len)),
-        HAS_MASK=positions is not None, SPLIT=split,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_MASK=has_mask, SPLIT=split, DOT_PRECISION=dot_precision(q.dtype),
     )
     if split:
         _combine_kernel[(q_len, heads, batch)](
-            part_o, part_lse, slopes, out, lse, *out.stride(), heads, q_len, splits,
+            part_o, part_lse, slopes, out, lse, out.stride(), heads, q_len, splits,
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits),
         )

@@ -42,14 +42,14 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import config_arch, gpu_spec, sm_count, smem_per_block, triton_interpreting
+from ._int8_configs import Int8MatmulConfig, candidates, default_config
+from ._launch import device_index, empty, triton_interpreting
 from ._tuning import gpu_identity, note_tuning, short_hash, tuning_cache, tuning_key
 
 SMALL_M_MAX = 16  # rows handled by the streaming (decode) path by default
@@ -181,129 +181,8 @@ def _splitk_reduce_kernel(
 
 
 # --------------------------------------------------------------------------------------------------
-# Configs and tuning
+# Tuning: the candidates of _int8_configs.py, timed as whole launches
 # --------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Int8MatmulConfig:
-    """One launch of `_int8_matmul_kernel`: output tile (block_m, block_n), K step block_k, K split
-    into split_k parts (fp32 partials summed by `_splitk_reduce_kernel`), GROUP_M row tiles per group,
-    and whether the weight is streamed with an evict-first hint (read once: the small path)."""
-    block_m: int
-    block_n: int
-    block_k: int
-    split_k: int = 1
-    group_m: int = 8
-    num_warps: int = 4
-    num_stages: int = 3
-    stream_weight: bool = False
-
-
-
-
-def _device_index(device: torch.device) -> int:
-    return device.index if device.index is not None else torch.cuda.current_device()
-
-
-def _sm_count(device: torch.device) -> int:
-    return sm_count(device, interpreter_sms=4)  # a few "SMs": small shapes still exercise split-K
-
-
-def _split_for(m: int, n: int, k: int, bm: int, bn: int, bk: int, sms: int, waves: float) -> int:
-    """K splits so that (tiles x splits) fills about `waves` waves of SMs, keeping >= 4 K steps per
-    split (shorter splits make the fp32 partials cost more than the extra parallelism gains)."""
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    want = triton.cdiv(int(waves * sms), tiles)
-    return max(1, min(want, triton.cdiv(k, bk) // 4, 64))
-
-
-def _cfg(m, n, k, bm, bn, bk, warps, stages, sms, waves=0.0, stream=False) -> Int8MatmulConfig:
-    split = _split_for(m, n, k, bm, bn, bk, sms, waves) if waves else 1
-    return Int8MatmulConfig(bm, bn, bk, split, 8, warps, stages, stream)
-
-
-def _default_config(path: str, m: int, n: int, k: int, device: torch.device,
-                    dtype: torch.dtype = torch.bfloat16) -> Int8MatmulConfig:
-    """The config used without timing (interpreter, fp32, CUDA-graph capture, tuning off)."""
-    sms = _sm_count(device)
-    if gpu_spec(device) is None:  # interpreter: small tiles, it is slow
-        if path == "small":
-            return _cfg(m, n, k, 16, 16, 32, 4, 1, sms, waves=2, stream=True)
-        return Int8MatmulConfig(16, 32, 32, group_m=2)
-    if dtype == torch.float32:  # IEEE fp32 dot on CUDA cores: the largest tiles that do not spill
-        if path == "small":
-            return _cfg(m, n, k, 16, 64, 32, 4, 2, sms, waves=4, stream=True)
-        return _cfg(m, n, k, 32, 64, 32, 4, 2, sms)
-    if path == "small":
-        return _cfg(m, n, k, 16, 64, 128, 4, 4, sms, waves=4, stream=True)
-    if m <= 256:
-        return _cfg(m, n, k, 64, 64, 128, 4, 4, sms, waves=2)
-    # sm_8x: 128x128x64 w4 s4 spills on sm_80 (20 B fwd with a masked M tail, 636-7,736 B dx; ptxas,
-    # Triton 3.6); 8 warps halve the accumulator per thread: 152-236 registers, no spill (_LARGE_TILES)
-    warps = 4 if config_arch(device) == 90 else 8
-    return _cfg(m, n, k, 128, 128, 64, warps, 4, sms)
-
-
-def _smem_bytes(bm: int, bn: int, bk: int, stages: int) -> int:
-    # pipelined x (2 B) and int8 weight tiles, plus one staged copy of the dequantised tile
-    return stages * (bm * bk * 2 + bn * bk) + bn * bk * 2
-
-
-# Candidate tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages), chosen from the sm_90 SASS of this kernel
-# (Triton 3.6): no spills; small M: 0.03 issue-cycles per weight byte and 48-144 KB of weight in flight
-# per SM; large M: 4-warp 128-row tiles fit two CTAs per SM, so one dequantises while the other's wgmma
-# runs (each CTA's loop waits for its own wgmma), 8-warp 256-row tiles amortise the dequant instead.
-_SMALL_TILES = ((16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 4, 3), (16, 32, 256, 4, 4),
-                (64, 64, 128, 4, 4))
-# Large tiles per architecture: 90 for Hopper and newer (wgmma; the tiles chosen above from the sm_90
-# SASS), 80 for Ampere and Ada (mma.sync: the operand fragments live in registers too). ptxas spills
-# most of the sm_90 tiles on sm_80 (Triton 3.6, compile_targets --full: every BLOOM shape, bf16 and
-# fp16), worst in dx (SCALE_ON_K: the weight tile is dequantised in fp32; the tuner's candidates serve
-# fwd and dx alike), so each is swapped for the closest tile that does not spill there, row by row
-# (before -> after: registers and spill-store bytes per thread on sm_80):
-_LARGE_TILES = {
-    90: ((128, 128, 64, 4, 4), (128, 128, 64, 4, 3), (128, 128, 32, 4, 4), (64, 256, 64, 4, 3),
-         (64, 128, 128, 4, 3), (64, 128, 64, 4, 4), (256, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-         (128, 128, 128, 8, 3)),
-    80: ((128, 128, 64, 8, 4),  # w4: 255 regs, 20 B fwd (masked M), 636-7,736 B dx -> w8: 152-236, none
-         (128, 128, 64, 8, 3),  # w4: 255 regs, 20 B fwd (masked M), 380-6,892 B dx -> w8: 152-220, none
-         (128, 128, 32, 4, 3),  # s4: 255 regs, 44-56 B dx -> s3: 220-254, none (w8 s3 spills fp16 fwd)
-         (64, 256, 64, 8, 3),  # w4: 255 regs, 32 B fwd, 668-720 B dx -> w8: 152-251, none
-         (64, 128, 128, 8, 3),  # w4: 255 regs, 36-48 B fwd (masked M), 888-7,620 B dx -> w8: 127-234
-         (64, 128, 64, 8, 4),  # w4: 255 regs, 8-36 B dx -> w8: 99-174, none (w4 s3 is at 254)
-         (256, 128, 32, 8, 3),  # BLOCK_K=64: 255 regs, 4-164 B fwd, 276-6,100 B dx -> 32: 218-242
-         (128, 256, 32, 8, 3),  # BLOCK_K=64: 255 regs, 400-412 B dx -> 32: 214-255, none
-         (128, 128, 128, 8, 3)),  # never kept on sm_8x: more shared memory (_smem_bytes) than it has
-}
-# 16 < M <= 256. 32x128x128 at 4 warps spilled in dx on both targets (255 registers; sm_80 924-956 B,
-# sm_90 932-940 B: 32 rows are below wgmma's 64, so mma.sync there too); at 8 warps 92-246 registers
-# on sm_80 and 80-238 on sm_90, none.
-_MID_TILES = ((32, 64, 128, 4, 4), (64, 64, 128, 4, 4), (32, 128, 128, 8, 4))
-
-
-def _candidates(path: str, m: int, n: int, k: int, device: torch.device) -> list[Int8MatmulConfig]:
-    """What the tuner times on a GPU: whole launches, so a split pays for its reduce."""
-    sms = _sm_count(device)
-    arch = config_arch(device)  # the rows of _LARGE_TILES
-    out = []
-    if path == "small":  # one row tile (x padded with masked rows), K split over ~2-4 waves
-        for bm, bn, bk, warps, stages in _SMALL_TILES:
-            if bm >= m:
-                out += [_cfg(m, n, k, bm, bn, bk, warps, stages, sms, w, True) for w in (2, 4)]
-    else:
-        tiles = _LARGE_TILES[arch] + (_MID_TILES if m <= 256 else ())
-        for bm, bn, bk, warps, stages in tiles:
-            if bm > max(16, triton.next_power_of_2(m)):
-                continue
-            out.append(_cfg(m, n, k, bm, bn, bk, warps, stages, sms))
-            if m <= 256:  # few row tiles: also try splitting K
-                out.append(_cfg(m, n, k, bm, bn, bk, warps, stages, sms, waves=2))
-    kept = []
-    for c in out:
-        if c not in kept and _smem_bytes(c.block_m, c.block_n, c.block_k, c.num_stages) <= smem_per_block(device):
-            kept.append(c)
-    return kept or [_default_config(path, m, n, k, device)]
-
-
 # This process's picks, by (path, scale_on_k, device index, dtype, M bucket, N, K, bias, weight layout).
 # Timed picks are also kept on disk across processes, in _tuning.tuning_cache("int8_linear")
 # (~/.cache/bloom_kernels/int8_linear.json; BLOOM_KERNELS_CACHE_DIR moves it), keyed by _tuning.tuning_key:
@@ -329,32 +208,32 @@ def _pick_config(path: str, x2: Tensor, weight: Tensor, scale: Tensor, bias: Ten
     device = x2.device
     fp32 = x2.dtype == torch.float32  # fp32 dots run on CUDA cores: correctness path, not tuned
     if device.type != "cuda" or fp32 or not _tuning_enabled():
-        return _default_config(path, m, n, k, device, x2.dtype)
-    key = (path, scale_on_k, _device_index(device), x2.dtype, _m_bucket(m), n, k, bias is not None,
+        return default_config(path, m, n, k, device, x2.dtype)
+    key = (path, scale_on_k, device_index(device), x2.dtype, _m_bucket(m), n, k, bias is not None,
            weight.stride(1) == 1)
     cfg = _TUNED.get(key)
     if cfg is not None:
         return cfg
-    candidates = _candidates(path, m, n, k, device)
+    choices = candidates(path, m, n, k, device)
     dtype = str(x2.dtype).removeprefix("torch.")
     disk_key = tuning_key(device, dtype=dtype, path=path, problem="dx" if scale_on_k else "y",
                           m_bucket=_m_bucket(m), n=n, k=k, bias=bias is not None,
-                          weight_k_contiguous=weight.stride(1) == 1, candidates=short_hash(repr(candidates)))
+                          weight_k_contiguous=weight.stride(1) == 1, candidates=short_hash(repr(choices)))
     disk = tuning_cache("int8_linear")
     stored = disk.get(disk_key)
     try:
         cfg = Int8MatmulConfig(**stored) if isinstance(stored, dict) else None
     except TypeError:  # an entry of other fields (another version of this file): time again
         cfg = None
-    if cfg not in candidates:
+    if cfg not in choices:
         if torch.cuda.is_current_stream_capturing():  # timing would synchronise inside the capture
-            return _default_config(path, m, n, k, device, x2.dtype)
+            return default_config(path, m, n, k, device, x2.dtype)
         what = f"int8_linear ({'dx' if scale_on_k else 'y'}, {path} path)"
         bias_text = ", bias" if bias is not None else ""
         note_tuning(what, f"(M bucket {_m_bucket(m)}, N {n}, K {k}, {dtype}{bias_text})",
                     gpu_identity(device), str(disk.path))
         best, best_ms = None, float("inf")
-        for cand in candidates:
+        for cand in choices:
             try:
                 ms = triton.testing.do_bench(
                     lambda c=cand: _launch(x2, weight, scale, bias, c, scale_on_k=scale_on_k), warmup=5,
@@ -365,7 +244,7 @@ def _pick_config(path: str, x2: Tensor, weight: Tensor, scale: Tensor, bias: Ten
                 best, best_ms = cand, ms
         if best is not None:
             disk.put(disk_key, dict(vars(best)))
-        cfg = best or _default_config(path, m, n, k, device, x2.dtype)
+        cfg = best or default_config(path, m, n, k, device, x2.dtype)
     _TUNED[key] = cfg
     return cfg
 
@@ -373,11 +252,6 @@ def _pick_config(path: str, x2: Tensor, weight: Tensor, scale: Tensor, bias: Ten
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def _empty(shape, dtype, device) -> Tensor:
-    """Every buffer the launchers allocate comes from here (tests swap in NaN-filled ones)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _dot_dtype(dtype: torch.dtype):
     if dtype == torch.float16:
         return tl.float16
@@ -395,8 +269,8 @@ def _launch(x2: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None, cfg:
     k_steps = triton.cdiv(k, cfg.block_k)
     steps_per_split = triton.cdiv(k_steps, max(1, cfg.split_k))
     split = triton.cdiv(k_steps, steps_per_split)  # no empty splits
-    out = _empty((m, n), x2.dtype, x2.device)
-    target = out if split == 1 else _empty((split, m, n), torch.float32, x2.device)
+    out = empty((m, n), x2.dtype, x2.device)
+    target = out if split == 1 else empty((split, m, n), torch.float32, x2.device)
     has_bias = bias is not None
     bias_arg = bias if has_bias else scale
     dot_dtype = _dot_dtype(x2.dtype)

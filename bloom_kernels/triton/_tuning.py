@@ -197,14 +197,33 @@ def tuning_cache(name: str) -> TuningCache:
     return TuningCache(f"{name}.json")
 
 
+# Where a config spills: one annotation for every kernel ------------------------------------------------
+def mark_spills(config: Config, *, arch: int | None = None, spills=()) -> Config:
+    """Annotate an autotune config with the architecture table it belongs to (80 or 90, see
+    _launch.config_arch; None: every architecture) and the launch cases where ptxas spills its
+    registers (read off the ahead-of-time compile, python -m bloom_kernels.compile_targets, which
+    tests/test_compile_targets.py re-checks). A case is whatever the kernel's pruner computes from a
+    launch, e.g. (BLOCK_D tile, masked) for attention. Returns the config."""
+    config.arch, config.spills = arch, frozenset(spills)
+    return config
+
+
+def spill_free(configs: list[Config], arch: int, case) -> list[Config]:
+    """The configs for `arch` that do not spill in `case`; configs never annotated (the interpreter's
+    single one) all pass. Never empty: the first config stands in if every one spills."""
+    kept = [c for c in configs
+            if getattr(c, "arch", None) in (None, arch) and case not in getattr(c, "spills", ())]
+    return kept or configs[:1]
+
+
 # Triton's autotuner ----------------------------------------------------------------------------------
 _CONFIG_FIELDS = frozenset(inspect.signature(Config.__init__).parameters) - {"self"}
 
 
 def _plain_config(config: Config) -> Config:
-    """The same config without attributes a kernel hangs on it for its pruner (attention.py's arch,
-    tiles, masked_tiles): Triton 3.6 writes config.__dict__ to its cache file and reads it back with
-    Config(**fields), which fails on any such extra attribute."""
+    """The same config without the attributes `mark_spills` hangs on it for the pruners: Triton 3.6
+    writes config.__dict__ to its cache file and reads it back with Config(**fields), which fails on
+    any such extra attribute."""
     return Config(**{k: v for k, v in vars(config).items() if k in _CONFIG_FIELDS})
 
 

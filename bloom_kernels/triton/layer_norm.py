@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._tuning import autotune
-from ._launch import row_bucket, rows_2d, sm_count, triton_interpreting
+from ._tuning import autotune, mark_spills, spill_free
+from ._launch import empty, row_bucket, rows_2d, sm_count, triton_interpreting
 
 MAX_N = 65_536  # longest row the op accepts (BLOOM-176B: hidden 14,336)
 # Rows whose next power of two is at most this are held in registers (forward / backward); longer
@@ -58,24 +58,28 @@ _BWD_TILE_N = 1_024
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
-def _configs() -> list[triton.Config]:
-    """Autotune candidates (BLOCK_M, warps); exactly one when interpreting (no timer there)."""
+def _configs(spills=()) -> list[triton.Config]:
+    """Autotune candidates (BLOCK_M, warps); exactly one when interpreting (no timer there). `spills`:
+    the (BLOCK_M, BLOCK_N, warps) where this kernel spills registers on sm_80 or sm_90 (a config's
+    case is the launch's BLOCK_N, see _tuning.mark_spills)."""
     if triton_interpreting():
         return [triton.Config({"BLOCK_M": 2}, num_warps=4)]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w) for m in (1, 2, 4, 8, 16) for w in (4, 8, 16, 32)]
+    return [mark_spills(triton.Config({"BLOCK_M": m}, num_warps=w),
+                        spills={n for sm, n, sw in spills if (sm, sw) == (m, w)})
+            for m in (1, 2, 4, 8, 16) for w in (4, 8, 16, 32)]
 
 
-def _pruner(max_tile: int, spills=()):
-    """Keep tiles of at most max_tile fp32 values (register budget) with 8 to 32 of them per thread
-    (at least one 16-byte vector of a 16-bit dtype, at most 32 registers per live tile), except the
-    (BLOCK_M, BLOCK_N, warps) in `spills` (this kernel spills registers there on sm_80 or sm_90)."""
+def _pruner(max_tile: int):
+    """Keep the tiles that do not spill at this BLOCK_N, of at most max_tile fp32 values (register
+    budget) with 8 to 32 of them per thread (at least one 16-byte vector of a 16-bit dtype, at most
+    32 registers per live tile)."""
     def prune(configs, named_args, **kwargs):
         block_n = kwargs["BLOCK_N"]
+        configs = spill_free(configs, arch=None, case=block_n)
         kept = []
         for c in configs:
             tile, threads = c.kwargs["BLOCK_M"] * block_n, 32 * c.num_warps
-            if (tile <= max(max_tile, block_n) and tile // 32 <= threads <= max(tile // 8, 128)
-                    and (c.kwargs["BLOCK_M"], block_n, c.num_warps) not in spills):
+            if tile <= max(max_tile, block_n) and tile // 32 <= threads <= max(tile // 8, 128):
                 kept.append(c)
         return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], -c.num_warps))]
     return prune
@@ -197,8 +201,8 @@ def _ln_bwd_row_dots_kernel(
 # BLOCK_M=8 BLOCK_N=1024 w16 (128 registers a thread) spills with a residual and dL/ds: 16 B on sm_80
 # (N=14,336, looped) and 8 B on sm_90 (N=1,024, one tile; ptxas, Triton 3.6, bf16 and fp16). The same
 # tile at 8 warps (232-254 registers) or 32 (62-64), and BLOCK_M=4 at 16 (95-99), do not.
-@autotune(configs=_configs(), key=["N", "M_BUCKET"],
-          prune_configs_by={"early_config_prune": _pruner(8_192, spills={(8, 1024, 16)})})
+@autotune(configs=_configs(spills={(8, 1024, 16)}), key=["N", "M_BUCKET"],
+          prune_configs_by={"early_config_prune": _pruner(8_192)})
 @triton.heuristics({"ONE_TILE": lambda a: a["BLOCK_N"] >= a["N"]})
 @triton.jit(do_not_specialize=["M_BUCKET"])
 def _ln_bwd_kernel(
@@ -254,11 +258,6 @@ def _ln_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def _empty(shape, dtype, device) -> Tensor:
-    """Every buffer the launchers allocate comes from here (tests swap in NaN-filled ones)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _row_block(n: int, limit: int) -> int:
     """BLOCK_N: the whole row when it fits in registers (next power of two <= limit), else a chunk."""
     block = triton.next_power_of_2(n)
@@ -267,13 +266,14 @@ def _row_block(n: int, limit: int) -> int:
 
 def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Tensor | None):
     n = x.shape[-1]
+    weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them as dense (N,) vectors
     x2 = rows_2d(x, n)
     m = x2.shape[0]
     r2 = x2 if residual is None else rows_2d(residual, n)
-    y = _empty((m, n), x.dtype, x.device)
-    s = _empty((m, n) if residual is not None else (0,), x.dtype, x.device)
-    mean = _empty((m,), torch.float32, x.device)
-    rstd = _empty((m,), torch.float32, x.device)
+    y = empty((m, n), x.dtype, x.device)
+    s = empty((m, n) if residual is not None else (0,), x.dtype, x.device)
+    mean = empty((m,), torch.float32, x.device)
+    rstd = empty((m,), torch.float32, x.device)
     if m > 0:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
         _ln_fwd_kernel[grid](
@@ -287,11 +287,12 @@ def _forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float, residual: Tens
 
 def _backward(dy, dsum, x, residual, weight, mean, rstd, bias_dtype):
     n = x.shape[-1]
+    weight = weight.contiguous()
     x2, dy2 = rows_2d(x, n), rows_2d(dy, n)
     m = x2.shape[0]
     r2 = x2 if residual is None else rows_2d(residual, n)
     ds2 = dy2 if dsum is None else rows_2d(dsum, n)
-    dx = _empty((m, n), x.dtype, x.device)
+    dx = empty((m, n), x.dtype, x.device)
     mean, rstd = mean.reshape(-1), rstd.reshape(-1)
     if m == 0:
         return (dx.view(x.shape), torch.zeros(n, dtype=weight.dtype, device=x.device),
@@ -301,8 +302,8 @@ def _backward(dy, dsum, x, residual, weight, mean, rstd, bias_dtype):
     c1 = c2 = mean  # placeholders: the fused kernel computes the row means itself
     if block_n < n:
         block_n = _BWD_TILE_N
-        c1 = _empty((m,), torch.float32, x.device)
-        c2 = _empty((m,), torch.float32, x.device)
+        c1 = empty((m,), torch.float32, x.device)
+        c2 = empty((m,), torch.float32, x.device)
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]),)
         _ln_bwd_row_dots_kernel[grid](
             dy2, x2, r2, weight, mean, rstd, c1, c2, m, n, dy2.stride(0), x2.stride(0), r2.stride(0),
@@ -315,8 +316,8 @@ def _backward(dy, dsum, x, residual, weight, mean, rstd, bias_dtype):
     groups = min(m, triton.cdiv(programs, col_blocks))
     rows_per_prog = triton.cdiv(m, groups)
     groups = triton.cdiv(m, rows_per_prog)
-    dw_part = _empty((groups, n), torch.float32, x.device)
-    db_part = _empty((groups, n), torch.float32, x.device)
+    dw_part = empty((groups, n), torch.float32, x.device)
+    db_part = empty((groups, n), torch.float32, x.device)
     _ln_bwd_kernel[(groups, col_blocks)](
         dy2, ds2, x2, r2, weight, mean, rstd, c1, c2, dx, dw_part, db_part,
         m, n, dy2.stride(0), ds2.stride(0), x2.stride(0), r2.stride(0), dx.stride(0), rows_per_prog,

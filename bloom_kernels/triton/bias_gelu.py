@@ -33,9 +33,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import reference
+from .. import reference
 from ._tuning import autotune
-from ._launch import row_bucket, rows_2d, sm_count, triton_interpreting
+from ._launch import empty, row_bucket, rows_2d, sm_count, triton_interpreting
 
 MAX_N = 65_536  # longest row the op accepts (BLOOM-176B's MLP width is 57,344)
 
@@ -149,11 +149,6 @@ def _bias_gelu_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-def _empty(shape, dtype, device) -> Tensor:
-    """Every buffer the launchers allocate comes from here (tests swap in NaN-filled ones)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def _rows_per_program(m: int, n: int, device: torch.device) -> int:
     """Rows one backward program walks: ~4 programs per SM at 1024-wide column blocks, at least 32
     rows (so the fp32 partials stay a few % of the traffic), a multiple of every BLOCK_M."""
@@ -163,9 +158,10 @@ def _rows_per_program(m: int, n: int, device: torch.device) -> int:
 
 def _forward(x: Tensor, bias: Tensor) -> Tensor:
     n = x.shape[-1]
+    bias = bias.contiguous()  # the kernels index it as a dense (N,) vector
     x2 = rows_2d(x, n)
     m = x2.shape[0]
-    y = _empty((m, n), x.dtype, x.device)
+    y = empty((m, n), x.dtype, x.device)
     if m > 0 and n > 0:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))
         _bias_gelu_fwd_kernel[grid](x2, bias, y, m, n, x2.stride(0), y.stride(0), row_bucket(m))
@@ -174,15 +170,16 @@ def _forward(x: Tensor, bias: Tensor) -> Tensor:
 
 def _backward(dy: Tensor, x: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
     n = x.shape[-1]
+    bias = bias.contiguous()
     x2 = rows_2d(x, n)
     dy2 = rows_2d(dy, n)
     m = x2.shape[0]
-    dx = _empty((m, n), x.dtype, x.device)
+    dx = empty((m, n), x.dtype, x.device)
     if m == 0 or n == 0:
         return dx.view(x.shape), torch.zeros(n, dtype=bias.dtype, device=bias.device)
     rows_per_prog = _rows_per_program(m, n, x.device)
     groups = triton.cdiv(m, rows_per_prog)
-    dbias_part = _empty((groups, n), torch.float32, x.device)
+    dbias_part = empty((groups, n), torch.float32, x.device)
     grid = lambda meta: (groups, triton.cdiv(n, meta["BLOCK_N"]))
     _bias_gelu_bwd_kernel[grid](dy2, x2, bias, dx, dbias_part, m, n, dy2.stride(0), x2.stride(0),
                                 dx.stride(0), rows_per_prog, row_bucket(m))
