@@ -1,6 +1,6 @@
-"""What the ahead-of-time compile check (compile_targets.py) reads off one compiled kernel variant and
-what it counts as a problem: registers, spill bytes and performance warnings from `ptxas -v`, shared
-memory from Triton's metadata, wgmma in the PTX, and the occupancy those allow.
+"""What the ahead-of-time compile check (compile_targets.py) reads off one compiled kernel variant, what
+it counts as a problem, and its reports: registers, spill bytes and performance warnings from
+`ptxas -v`, shared memory from Triton's metadata, wgmma in the PTX, and the occupancy those allow.
 """
 
 from __future__ import annotations
@@ -95,3 +95,33 @@ def problems(r: Result) -> list[str]:
 def _config_value(config: str, name: str) -> int:
     m = re.search(rf"\b{name}=(\d+)", config)
     return int(m.group(1)) if m else 0
+
+
+# --------------------------------------------------------------------------------------------------
+# reports
+# --------------------------------------------------------------------------------------------------
+def table(results: list[Result]) -> str:
+    """One line per variant: what a kernel author compares before and after a change."""
+    head = f"{'kernel':<24} {'target':<6} {'config':<44} {'spec':<60} {'regs':>4} {'spill':>9} " \
+           f"{'smem KB':>7} {'CTA/SM':>6}  notes"
+    lines = [head, "-" * len(head)]
+    for r in sorted(results, key=lambda r: (r.kernel, r.target, r.spec, r.config)):
+        notes = "; ".join(problems(r)) or ("wgmma" if r.wgmma else "")
+        lines.append(f"{r.kernel:<24} {r.target:<6} {r.config:<44} {r.spec[:60]:<60} {r.registers:>4} "
+                     f"{r.spill_stores:>4}/{r.spill_loads:<4} {r.shared / 1024:>7.1f} {r.occupancy:>6}  {notes}")
+    return "\n".join(lines)
+
+
+def summary(results: list[Result]) -> str:
+    lines = []
+    for kernel in sorted({r.kernel for r in results}):
+        for target in sorted({r.target for r in results}):
+            rs = [r for r in results if r.kernel == kernel and r.target == target]
+            if not rs:
+                continue
+            bad = sum(bool(problems(r)) for r in rs)
+            regs = [r.registers for r in rs if not r.error]
+            lines.append(f"{kernel:<24} {target}: {len(rs):>4} variants, {bad:>3} with problems, registers "
+                         f"{min(regs, default=0)}-{max(regs, default=0)} (mean {sum(regs) / max(len(regs), 1):.0f}), "
+                         f"max smem {max((r.shared for r in rs), default=0) / 1024:.0f} KB")
+    return "\n".join(lines)

@@ -50,7 +50,7 @@ from triton.runtime.autotuner import Autotuner, Heuristics
 from triton.runtime.jit import JITFunction, create_function_from_signature
 
 from .triton._launch import GpuSpec, planning_for
-from ._ptxas import Result, occupancy, problems, read_ptxas
+from ._ptxas import Result, occupancy, problems, read_ptxas, summary, table
 from .shapes import BLOOM_SHAPES, bloom_shape
 
 # Compute capability -> the card the launchers plan for (SMs, opt-in shared memory per block).
@@ -348,33 +348,6 @@ def run(variants: list[Variant], jobs: int = 1) -> list[Result]:
     for index, share in enumerate(shares):
         ordered[index::jobs] = [Result(**r) for r in share]
     return ordered
-
-
-def table(results: list[Result]) -> str:
-    """One line per variant: what a kernel author compares before and after a change."""
-    head = f"{'kernel':<24} {'target':<6} {'config':<44} {'spec':<60} {'regs':>4} {'spill':>9} " \
-           f"{'smem KB':>7} {'CTA/SM':>6}  notes"
-    lines = [head, "-" * len(head)]
-    for r in sorted(results, key=lambda r: (r.kernel, r.target, r.spec, r.config)):
-        notes = "; ".join(problems(r)) or ("wgmma" if r.wgmma else "")
-        lines.append(f"{r.kernel:<24} {r.target:<6} {r.config:<44} {r.spec[:60]:<60} {r.registers:>4} "
-                     f"{r.spill_stores:>4}/{r.spill_loads:<4} {r.shared / 1024:>7.1f} {r.occupancy:>6}  {notes}")
-    return "\n".join(lines)
-
-
-def summary(results: list[Result]) -> str:
-    lines = []
-    for kernel in sorted({r.kernel for r in results}):
-        for target in sorted({r.target for r in results}):
-            rs = [r for r in results if r.kernel == kernel and r.target == target]
-            if not rs:
-                continue
-            bad = sum(bool(problems(r)) for r in rs)
-            regs = [r.registers for r in rs if not r.error]
-            lines.append(f"{kernel:<24} {target}: {len(rs):>4} variants, {bad:>3} with problems, registers "
-                         f"{min(regs, default=0)}-{max(regs, default=0)} (mean {sum(regs) / max(len(regs), 1):.0f}), "
-                         f"max smem {max((r.shared for r in rs), default=0) / 1024:.0f} KB")
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
