@@ -87,11 +87,18 @@ class BloomCache:
                 grown[:, :, : self.length] = old[:, :, : self.length]
                 store[i] = grown
 
-    def update(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+    def update(self, layer: int, key: Tensor, value: Tensor,
+               at: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Write key/value (B, H, S, D) at the current end; return views of all L + S positions.
 
         `reserve` must have been called for this step; `advance` moves the end after the last layer.
+        With `at` (long (S,) slots, a static decode step) they go to those slots instead and the whole
+        buffers come back: same shapes and addresses every step, no host-side length.
         """
+        if at is not None:
+            self.keys[layer].index_copy_(2, at, key)
+            self.values[layer].index_copy_(2, at, value)
+            return self.keys[layer], self.values[layer]
         end = self.length + key.shape[2]
         self.keys[layer][:, :, self.length : end] = key
         self.values[layer][:, :, self.length : end] = value

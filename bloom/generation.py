@@ -1,10 +1,11 @@
-"""Text generation: greedy and sampled decoding over a KV cache allocated once per call.
+"""Text generation: greedy and sampled decoding on a static decode step (bloom/decode_step.py).
 
-The cache, the token buffer and the attention-mask buffer are sized for prompt + max_new_tokens before
-the first step and written in place. The first step runs the whole prompt, each later step one token
-per row; logits are computed for the last position only. Logit processing follows transformers' order
-and rules (repetition penalty, min new tokens, then temperature, top-k, top-p), so greedy output equals
-transformers' token for token.
+The cache, the token buffer and the attention-mask buffer are sized for prompt + max_new_tokens (a
+capacity bucket) and written in place; they are kept on the model for the next call of that shape.
+The prefill runs the whole prompt (logits of the last position only); each later step is the same
+fixed-shape function: eager, compiled, or on CUDA one captured CUDA graph (all layers, logit
+processing and the choice of the token) replayed per token. Logit processing follows transformers'
+order and rules (bloom/logits.py), so greedy output equals transformers' token for token.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .cache import CacheOverflowError
+from .decode_step import decoder_for, resolve_mode
 from .validation import check_token_ids
 
 # Config keys that, where a config has them, bound the total sequence length.
@@ -27,55 +29,6 @@ class Streamer(Protocol):
     def put(self, value: Tensor) -> None: ...
 
     def end(self) -> None: ...
-
-
-# --------------------------------------------------------------------------------------------------
-# Logit processing (each takes and returns fp32 logits (B, V))
-# --------------------------------------------------------------------------------------------------
-def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
-    """CTRL's penalty on every token already in the row: divide positive logits, multiply negative."""
-    score = logits.gather(1, seen)
-    score = torch.where(score < 0, score * penalty, score / penalty)
-    return logits.scatter(1, seen, score)
-
-
-def top_k_filter(logits: Tensor, k: int) -> Tensor:
-    """Keep the k largest logits of each row (ties with the k-th kept), the rest -inf."""
-    k = min(k, logits.shape[-1])
-    kth = torch.topk(logits, k, dim=-1).values[:, -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def top_p_filter(logits: Tensor, p: float) -> Tensor:
-    """Keep the smallest set of most likely tokens whose probability reaches p (at least one)."""
-    sorted_logits, order = torch.sort(logits, descending=False)
-    cumulative = sorted_logits.softmax(-1).cumsum(-1)
-    remove_sorted = cumulative <= (1 - p)
-    remove_sorted[:, -1] = False  # the most likely token always stays
-    remove = remove_sorted.scatter(1, order, remove_sorted)
-    return logits.masked_fill(remove, float("-inf"))
-
-
-def process_logits(logits: Tensor, tokens: Tensor, new_tokens: int, opts: "GenerationOptions") -> Tensor:
-    if opts.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, tokens, opts.repetition_penalty)
-    if new_tokens < opts.min_new_tokens and opts.eos_ids:
-        logits[:, opts.eos_ids] = float("-inf")
-    if opts.do_sample:
-        if opts.temperature != 1.0:
-            logits = logits / opts.temperature
-        if opts.top_k is not None and opts.top_k > 0:
-            logits = top_k_filter(logits, opts.top_k)
-        if opts.top_p is not None and opts.top_p < 1.0:
-            logits = top_p_filter(logits, opts.top_p)
-    return logits
-
-
-def choose_tokens(logits: Tensor, do_sample: bool, generator: torch.Generator | None) -> Tensor:
-    if not do_sample:
-        return logits.argmax(-1)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -121,6 +74,11 @@ class GenerationOptions:
         self.repetition_penalty = float(repetition_penalty)
         self.num_return_sequences = num_return_sequences
 
+    def static_key(self) -> tuple:
+        """What a compiled or captured step bakes in as constants."""
+        return (tuple(self.eos_ids), self.pad_id, self.min_new_tokens > 0, self.do_sample, self.temperature,
+                self.top_k, self.top_p, self.repetition_penalty)
+
 
 def check_length_limits(config, total: int) -> None:
     for key in LENGTH_LIMIT_KEYS:
@@ -140,11 +98,14 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              num_return_sequences: int = 1, generator: torch.Generator | None = None,
-             streamer: Streamer | None = None) -> Tensor:
+             streamer: Streamer | None = None, decode: str = "auto", compile_backend="inductor") -> Tensor:
     """Prompt + generated tokens (B * num_return_sequences, S + n), n <= max_new_tokens.
 
     Rows are left-padded (attention_mask 0 on the left); a row that emits eos is padded with
     pad_token_id afterwards; the loop stops when every row has finished or at max_new_tokens.
+    `decode`: how each step after the prefill runs: "eager", "compile" (torch.compile fullgraph with
+    `compile_backend`), "cuda_graph" (captured once per shape, replayed), or "auto" (cuda_graph on CUDA,
+    eager on the CPU). Sampling draws from a seed taken from `generator` (or torch's global RNG).
     """
     config = model.config
     opts = GenerationOptions(
@@ -153,6 +114,7 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences,
     )
     device = model.device
+    mode = resolve_mode(decode, device)
     check_token_ids("input_ids", input_ids, config.vocab_size)
     input_ids = input_ids.to(device)
     if attention_mask is None:
@@ -174,34 +136,22 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     batch, prompt_len = input_ids.shape
     total = prompt_len + opts.max_new_tokens
     check_length_limits(config, total)
+    # 2 x 32 bits, drawn on the CPU: the same seed gives the same tokens on every device
+    seed = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.long,
+                         device=generator.device if generator is not None else "cpu")
 
-    # Everything the loop writes is allocated here, once.
-    cache = model.transformer.new_cache(batch, total, dtype=model.dtype, device=device)
-    tokens = torch.full((batch, total), opts.pad_id, dtype=torch.long, device=device)
-    tokens[:, :prompt_len] = input_ids
-    mask = torch.ones((batch, total), dtype=attention_mask.dtype, device=device)
-    mask[:, :prompt_len] = attention_mask
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    eos = torch.tensor(opts.eos_ids, dtype=torch.long, device=device)
+    decoder = decoder_for(model, batch, total, opts, mode, compile_backend)
     if streamer is not None:
         streamer.put(input_ids.cpu())
-
-    step_ids = input_ids
-    length = prompt_len
-    for step in range(opts.max_new_tokens):
-        logits = model.next_token_logits(step_ids, cache, mask[:, :length])  # (B, V) fp32
-        logits = process_logits(logits, tokens[:, :length], step, opts)
-        next_tokens = choose_tokens(logits, opts.do_sample, generator)
-        next_tokens = torch.where(finished, opts.pad_id, next_tokens)
-        tokens[:, length] = next_tokens
-        length += 1
+    decoder.start(input_ids, attention_mask, seed.to(device))  # the prefill and the first token
+    generated = 1
+    while True:
         if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        if eos.numel():
-            finished |= torch.isin(next_tokens, eos)
-            if bool(finished.all()):
-                break
-        step_ids = next_tokens[:, None]
+            streamer.put(decoder.next_tokens.cpu())
+        if generated == opts.max_new_tokens or (opts.eos_ids and bool(decoder.finished.all())):
+            break
+        decoder.step()
+        generated += 1
     if streamer is not None:
         streamer.end()
-    return tokens[:, :length]
+    return decoder.tokens[:, : prompt_len + generated].clone()

@@ -12,6 +12,7 @@ Shapes: B batch, S new tokens, L = past + S keys, H heads, D head dim, E hidden 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,8 @@ class BloomLinear(nn.Linear):
     """
 
     def forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
-        return bk.linear(x, self.weight, self.bias if with_bias else None)
+        # unchecked: the model validated its inputs, and the weight is this module's own
+        return bk.unchecked.linear(x, self.weight, self.bias if with_bias else None)
 
     def partial_product(self, x: Tensor, lo: int, hi: int) -> Tensor:
         """x[..., lo:hi] · W[:, lo:hi]ᵀ, no bias: one input slice of Megatron's pretraining_tp product."""
@@ -57,6 +59,15 @@ def tp_sliced_linear(x: Tensor, linear: nn.Module, tp: int) -> Tensor:
     return out + linear.bias if linear.bias is not None else out
 
 
+@dataclass
+class LayerInputs:
+    """What every block of one forward shares, computed once in BloomModel.run."""
+
+    attention: bk.unchecked.AttentionInputs  # slopes, key positions (cumsum of the mask), CPU bias
+    attention_mask: Tensor | None            # (B, L), for the eager probabilities path only
+    write_position: Tensor | None            # static decode: long (S,) cache slots of the new keys
+
+
 class BloomAttention(nn.Module):
     def __init__(self, config: BloomConfig, layer_idx: int):
         super().__init__()
@@ -71,21 +82,23 @@ class BloomAttention(nn.Module):
         self.attention_dropout = nn.Dropout(config.attention_dropout)
         self.hidden_dropout = config.hidden_dropout
 
-    def forward(self, x: Tensor, slopes: Tensor, attention_mask: Tensor | None, cache: BloomCache | None,
+    def forward(self, x: Tensor, shared: LayerInputs, cache: BloomCache | None,
                 head_mask: Tensor | None, output_attentions: bool) -> tuple[Tensor, Tensor | None]:
         batch, seq, _ = x.shape
         fused = self.query_key_value(x).view(batch, seq, self.num_heads, 3, self.head_dim)
         q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, S, D) strided views
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, H, L, D) views of the cache
+            # (B, H, L, D) views of the cache; a static step attends over the whole capacity
+            k, v = cache.update(self.layer_idx, k, v, at=shared.write_position)
 
         dropout_p = self.attention_dropout.p if self.training else 0.0
         probs = None
         if output_attentions or dropout_p > 0.0:
             # Only the eager path can return (or drop) probabilities.
-            ctx, probs = bk.alibi_attention_probs(q, k, v, slopes, attention_mask, self.scale, dropout_p)
+            ctx, probs = bk.alibi_attention_probs(q, k, v, shared.attention.slopes, shared.attention_mask,
+                                                  self.scale, dropout_p)
         else:
-            ctx = bk.alibi_attention(q, k, v, slopes, attention_mask, self.scale)  # (B, H, S, D)
+            ctx = bk.unchecked.alibi_attention(q, k, v, shared.attention, self.scale)  # (B, H, S, D)
         if head_mask is not None:
             ctx = ctx * head_mask.to(ctx.dtype).view(1, -1, 1, 1)
             if probs is not None:
@@ -106,7 +119,7 @@ class BloomMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         # The h->4h bias is added inside the fused GeLU, not by the linear.
-        h = bk.bias_gelu(self.dense_h_to_4h(x, with_bias=False), self.dense_h_to_4h.bias)
+        h = bk.unchecked.bias_gelu(self.dense_h_to_4h(x, with_bias=False), self.dense_h_to_4h.bias)
         out = tp_sliced_linear(h, self.dense_4h_to_h, self.exact_tp)
         return F.dropout(out, self.hidden_dropout, self.training)
 
@@ -114,8 +127,8 @@ class BloomMLP(nn.Module):
 def fused_layer_norm(ln: nn.LayerNorm, delta: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
     """(LN(delta + residual), delta + residual); with no residual, (LN(delta), delta)."""
     if residual is None:
-        return bk.layer_norm(delta, ln.weight, ln.bias, ln.eps), delta
-    return bk.layer_norm(delta, ln.weight, ln.bias, ln.eps, residual=residual)
+        return bk.unchecked.layer_norm(delta, ln.weight, ln.bias, ln.eps), delta
+    return bk.unchecked.layer_norm(delta, ln.weight, ln.bias, ln.eps, residual=residual)
 
 
 class BloomBlock(nn.Module):
@@ -128,18 +141,15 @@ class BloomBlock(nn.Module):
         self.mlp = BloomMLP(config)
         self.residual_post_ln = config.apply_residual_connection_post_layernorm
 
-    def forward(self, delta: Tensor, residual_stream: Tensor | None, slopes: Tensor,
-                attention_mask: Tensor | None, cache: BloomCache | None, head_mask: Tensor | None,
-                output_attentions: bool):
+    def forward(self, delta: Tensor, residual_stream: Tensor | None, shared: LayerInputs,
+                cache: BloomCache | None, head_mask: Tensor | None, output_attentions: bool):
         """The block's input hidden state is delta + residual_stream (just delta when that is None).
 
         Returns (mlp_out, residual_stream, block_input, attention_probs); the block's output hidden
         state is mlp_out + residual_stream, summed by the next LayerNorm.
         """
         attention_in, block_input = fused_layer_norm(self.input_layernorm, delta, residual_stream)
-        attention_out, probs = self.self_attention(
-            attention_in, slopes, attention_mask, cache, head_mask, output_attentions
-        )
+        attention_out, probs = self.self_attention(attention_in, shared, cache, head_mask, output_attentions)
         # What each sub-layer's output is added to: the sum before its LayerNorm (BLOOM's default), or,
         # with apply_residual_connection_post_layernorm, that LayerNorm's output.
         residual_stream = attention_in if self.residual_post_ln else block_input
@@ -219,24 +229,34 @@ class BloomModel(BloomPreTrainedModel):
 
     def run(self, embeds: Tensor, cache: BloomCache | None, attention_mask: Tensor | None,
             head_mask: Tensor | None = None, output_attentions: bool = False,
-            output_hidden_states: bool = False):
+            output_hidden_states: bool = False, write_position: Tensor | None = None):
         """The blocks on validated inputs: embeds (B, S, E) -> (hidden (B, S, E), hiddens, attentions).
 
-        With a cache, writes this call's keys/values into it and advances it by S.
+        With a cache, writes this call's keys/values into it and advances it by S. With
+        `write_position` (long (S,), a static decode step) the keys/values go to those slots instead,
+        attention runs over the cache's whole capacity, attention_mask (B, capacity) hides the slots
+        not written yet, and the cache's length is not touched: every call has the same shapes.
         """
-        seq = embeds.shape[1]
-        if cache is not None:
+        batch, seq = embeds.shape[:2]
+        if write_position is not None:
+            key_len = cache.capacity
+        elif cache is not None:
             cache.reserve(seq)
-        slopes = self.alibi_slopes(embeds.device)
+            key_len = cache.length + seq
+        else:
+            key_len = seq
+        attention = bk.unchecked.prepare_attention(self.alibi_slopes(embeds.device), attention_mask, batch,
+                                                   seq, key_len, embeds.dtype)
+        shared = LayerInputs(attention, attention_mask, write_position)
         ln = self.word_embeddings_layernorm
-        delta = bk.layer_norm(embeds, ln.weight, ln.bias, ln.eps)
+        delta = bk.unchecked.layer_norm(embeds, ln.weight, ln.bias, ln.eps)
         residual_stream = None
         all_hidden = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
         for i, block in enumerate(self.h):
             delta, residual_stream, block_input, probs = block(
-                delta, residual_stream, slopes, attention_mask, cache,
-                None if head_mask is None else head_mask[i], output_attentions,
+                delta, residual_stream, shared, cache, None if head_mask is None else head_mask[i],
+                output_attentions,
             )
             if output_hidden_states:
                 all_hidden += (block_input,)
@@ -245,7 +265,7 @@ class BloomModel(BloomPreTrainedModel):
         hidden, _ = fused_layer_norm(self.ln_f, delta, residual_stream)
         if output_hidden_states:
             all_hidden += (hidden,)
-        if cache is not None:
+        if cache is not None and write_position is None:
             cache.advance(seq)
         return hidden, all_hidden, all_attentions
 
@@ -270,9 +290,15 @@ class BloomForCausalLM(BloomPreTrainedModel):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def next_token_logits(self, input_ids: Tensor, cache: BloomCache, attention_mask: Tensor | None) -> Tensor:
-        """fp32 logits (B, V) of the last position only. No input checks: generation's own tokens."""
-        hidden, _, _ = self.transformer.run(self.transformer.word_embeddings(input_ids), cache, attention_mask)
+    def next_token_logits(self, input_ids: Tensor, cache: BloomCache, attention_mask: Tensor | None,
+                          write_position: Tensor | None = None) -> Tensor:
+        """fp32 logits (B, V) of the last position only (the lm_head runs on B rows, not B * S).
+
+        No input checks: generation's own tokens. `write_position`: a static decode step (see
+        BloomModel.run).
+        """
+        hidden, _, _ = self.transformer.run(self.transformer.word_embeddings(input_ids), cache, attention_mask,
+                                            write_position=write_position)
         return self.lm_head(hidden[:, -1]).float()
 
     def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:

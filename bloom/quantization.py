@@ -46,7 +46,7 @@ class Int8Linear(nn.Module):
         return module
 
     def forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
-        return bk.int8_linear(x, self.weight, self.scale, self.bias if with_bias else None)
+        return bk.unchecked.int8_linear(x, self.weight, self.scale, self.bias if with_bias else None)
 
     def partial_product(self, x: Tensor, lo: int, hi: int) -> Tensor:
         """x[..., lo:hi] · W[:, lo:hi]ᵀ, no bias (see bloom.model.tp_sliced_linear); the per-output-channel

@@ -1,12 +1,14 @@
 """bloom_kernels: Triton kernels for BLOOM, each with an eager PyTorch reference.
 
 Public ops (dispatched per call by BLOOM_KERNELS_BACKEND, see `_dispatch.py`):
-alibi_slopes, alibi_attention, alibi_attention_probs, bias_gelu, layer_norm, linear, quantize_int8,
-int8_linear.
+alibi_slopes, alibi_key_positions, alibi_attention, alibi_attention_probs, bias_gelu, layer_norm, linear,
+quantize_int8, int8_linear. `unchecked` holds the same ops without argument checks (and attention on
+inputs prepared once per forward) for a model that validates at its own boundary.
 """
 
 from .ops import (
     alibi_attention,
+    alibi_key_positions,
     alibi_attention_probs,
     alibi_slopes,
     bias_gelu,
@@ -16,7 +18,7 @@ from .ops import (
     quantize_int8,
 )
 
-from . import _dispatch
+from . import _dispatch, unchecked
 
 if _dispatch.kernels_usable_here():  # never on a CPU-only machine without TRITON_INTERPRET
     _dispatch.preload_kernels()
@@ -24,6 +26,7 @@ if _dispatch.kernels_usable_here():  # never on a CPU-only machine without TRITO
 __all__ = [
     "alibi_attention",
     "alibi_attention_probs",
+    "alibi_key_positions",
     "alibi_slopes",
     "bias_gelu",
     "int8_linear",

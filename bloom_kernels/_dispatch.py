@@ -54,7 +54,7 @@ from typing import Callable
 
 import torch
 
-from . import cpu, reference
+from . import cpu, cpu_attention, reference
 from .triton._launch import triton_interpreting
 
 BACKEND_ENV = "BLOOM_KERNELS_BACKEND"
@@ -63,6 +63,7 @@ BACKENDS = ("auto", "triton", "reference")
 # op name -> module holding its Triton kernel (attributes `<op>` and `<op>_unsupported`).
 TRITON_OPS: dict[str, str] = {
     "alibi_attention": "bloom_kernels.triton.attention",
+    "alibi_attention_at": "bloom_kernels.triton.attention",  # the model's entry (unchecked.py)
     "bias_gelu": "bloom_kernels.triton.bias_gelu",
     "layer_norm": "bloom_kernels.triton.layer_norm",
     "int8_linear": "bloom_kernels.triton.int8_linear",
@@ -71,6 +72,13 @@ TRITON_OPS: dict[str, str] = {
 # How many times each (op, backend) was chosen; tests read it to prove which path ran.
 # backend "fallback": the reference ran because the kernel failed for that case (see the docstring).
 dispatch_counts: Counter = Counter()
+
+
+def _count(op: str, path: str) -> None:
+    # Not while torch.compile traces: a counter the graph mutated would be a guard that changes every
+    # call (a recompilation per step). Calls inside compiled code are not counted.
+    if not torch.compiler.is_compiling():
+        dispatch_counts[(op, path)] += 1
 
 
 class KernelFallbackWarning(RuntimeWarning):
@@ -266,7 +274,7 @@ def _guarded(op: str, kernel_fn: Callable, tensors: tuple[torch.Tensor, ...], fa
                 raise
             _record_failure(op, tensors, error, case)
         # outside the except block: an error of the reference is not chained to the kernel's
-        dispatch_counts[(op, "fallback")] += 1
+        _count(op, "fallback")
         return getattr(reference, op)(*args, **kwargs)
 
     return run
@@ -295,11 +303,11 @@ def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Calla
     if kernel is None:
         if mode == "triton" and op in TRITON_OPS and importlib.util.find_spec("triton") is None:
             raise RuntimeError(f"{BACKEND_ENV}=triton but triton is not installed (needed by {op})")
-        dispatch_counts[(op, "reference")] += 1
+        _count(op, "reference")
         return getattr(reference, op)
 
     if mode == "auto" and _failures and _failed_before(op, tensors):
-        dispatch_counts[(op, "fallback")] += 1  # a recorded case: no retry, no second warning
+        _count(op, "fallback")  # a recorded case: no retry, no second warning
         return getattr(reference, op)
 
     reason = getattr(kernel, f"{op}_unsupported")(*args, **kwargs)
@@ -313,20 +321,46 @@ def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Calla
         if reason is not None:
             raise ValueError(f"{op}: the Triton kernel does not support this input: {reason}")
     elif reason is not None:
-        dispatch_counts[(op, "reference")] += 1
+        _count(op, "reference")
         return getattr(reference, op)
-    dispatch_counts[(op, "triton")] += 1
+    _count(op, "triton")
     kernel_fn = getattr(kernel, op)
     if torch.compiler.is_compiling():
         return kernel_fn  # tracing runs fake kernels: nothing to catch here (see the docstring)
     return _guarded(op, kernel_fn, tensors, fall_back=mode == "auto")
 
 
+def _cpu_route(tensors: tuple[torch.Tensor, ...]) -> bool:
+    """CPU tensors that may not take the kernel run cpu.py's routes under `auto` (`reference` forces the
+    reference; `triton` with the interpreter means the kernels, what tests of them through a model want)."""
+    mode = requested_backend()
+    return mode == "auto" and tensors[0].device.type == "cpu" and not _kernel_eligible(mode, tensors)
+
+
+def attention_on_cpu_route(slopes: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether a forward's attention runs cpu_attention's SDPA route (decided once per forward)."""
+    if dtype in cpu_attention.DTYPES and _cpu_route((slopes,)):
+        _count("alibi_attention_at", "cpu")
+        return True
+    return False
+
+
+def select_int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None) -> Callable:
+    """int8_linear's implementation: the CPU route (cpu.int8_linear) for CPU tensors under auto, else
+    the kernel or the reference as `select` picks."""
+    tensors = (x, weight_int8, scale) if bias is None else (x, weight_int8, scale, bias)
+    if _cpu_route(tensors):
+        _count("int8_linear", "cpu")
+        return cpu.int8_linear
+    return select("int8_linear", tensors, x, weight_int8, scale, bias)
+
+
 def select_linear(x: torch.Tensor) -> Callable:
     """The implementation of `linear` for this input: the CPU route of cpu.py for CPU tensors (unless
     the reference is forced), else the reference (F.linear: cuBLAS on a GPU)."""
     if x.device.type == "cpu" and requested_backend() != "reference":
-        dispatch_counts[("linear", "cpu")] += 1
+        _count("linear", "cpu")
         return cpu.linear
-    dispatch_counts[("linear", "reference")] += 1
+    _count("linear", "reference")
     return reference.linear

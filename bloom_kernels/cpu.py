@@ -37,3 +37,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     else:
         y = torch.baddbmm(bias.view(chunks, -1, 1), blocks, xt)
     return y.reshape(out_features, rows).t().contiguous().view(*x.shape[:-1], out_features)
+
+
+def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """reference.int8_linear (placeholder until the measured CPU routes land)."""
+    from . import reference
+
+    return reference.int8_linear(x, weight_int8, scale, bias)

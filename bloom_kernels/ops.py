@@ -7,7 +7,14 @@ from torch import Tensor
 
 from . import reference
 from ._checks import check_same_device, check_same_dtype, check_shape, check_tensor
-from ._dispatch import select, select_linear
+from ._dispatch import select, select_int8_linear, select_linear
+
+
+def alibi_key_positions(attention_mask: Tensor) -> Tensor:
+    """fp32 (B, Sk): each key's ALiBi position, cumsum(mask) - 1, at tokens and -1 at padding; what the
+    attention kernels read for a mask (see reference.alibi_key_positions)."""
+    check_tensor("attention_mask", attention_mask, ndim=2, dtypes=None)
+    return reference.alibi_key_positions(attention_mask)
 
 
 def alibi_slopes(n_head: int, device: torch.device | str | None = None) -> Tensor:
@@ -117,8 +124,7 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | No
         check_tensor("bias", bias)
         check_shape("bias", bias, (out_features,), "one bias per output channel")
     check_same_device(x=x, weight_int8=weight_int8, scale=scale, bias=bias)
-    tensors = (x, weight_int8, scale) if bias is None else (x, weight_int8, scale, bias)
-    return select("int8_linear", tensors, x, weight_int8, scale, bias)(x, weight_int8, scale, bias)
+    return select_int8_linear(x, weight_int8, scale, bias)(x, weight_int8, scale, bias)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

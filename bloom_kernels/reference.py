@@ -8,6 +8,8 @@ should agree with it to the last bit or two.
 Ops:
     alibi_slopes(n_head)                                    -> (H,) fp32
     alibi_attention(q, k, v, slopes, attention_mask, scale) -> (B, H, Sq, D)
+    alibi_key_positions(attention_mask)                     -> (B, Sk) fp32, -1 at padding
+    alibi_attention_at(q, k, v, slopes, key_positions, scale) -> (B, H, Sq, D)
     alibi_attention_probs(...)                              -> ((B, H, Sq, D), (B, H, Sq, Sk) probs)
     bias_gelu(x, bias)                                      -> x.shape
     layer_norm(x, weight, bias, eps, residual)              -> y  or  (y, x + residual)
@@ -70,20 +72,31 @@ def alibi_positions(attention_mask: Tensor | None, batch: int, key_len: int, dev
     return ((mask.cumsum(-1) - 1) * mask).to(torch.float32)
 
 
-def _attention_scores(q, k, slopes, attention_mask, scale) -> Tensor:
+def alibi_key_positions(attention_mask: Tensor) -> Tensor:
+    """The one tensor the attention ops take for a mask, fp32 (B, Sk): the key's ALiBi position
+    (alibi_positions) at tokens and -1 at padding. A model computes it once per forward."""
+    batch, key_len = attention_mask.shape
+    pos = alibi_positions(attention_mask, batch, key_len, attention_mask.device)
+    return torch.where(attention_mask != 0, pos, -1.0)
+
+
+def _attention_scores(q, k, slopes, key_positions, scale) -> Tensor:
     """fp32 scores (B, H, Sq, Sk) with ALiBi bias, causal mask and key padding applied (-inf)."""
     batch, _, q_len, head_dim = q.shape
     key_len = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    pos = alibi_positions(attention_mask, batch, key_len, q.device)
+    if key_positions is None:
+        pos = alibi_positions(None, batch, key_len, q.device)
+    else:
+        pos = key_positions.float().clamp(min=0)
     scores = scores + slopes.float().view(1, -1, 1, 1) * pos[:, None, None, :]
     # Queries are aligned to the END of the keys: query i is at absolute position Sk - Sq + i.
     q_abs = torch.arange(key_len - q_len, key_len, device=q.device)
     allowed = torch.arange(key_len, device=q.device)[None, :] <= q_abs[:, None]  # (Sq, Sk)
     allowed = allowed[None, None]
-    if attention_mask is not None:
-        allowed = allowed & (attention_mask != 0)[:, None, None, :]
+    if key_positions is not None:
+        allowed = allowed & (key_positions >= 0)[:, None, None, :]
     return scores.masked_fill(~allowed, float("-inf"))
 
 
@@ -102,7 +115,15 @@ def alibi_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, attention_m
     attention_mask (B, Sk) 1 = token, 0 = padding; scale defaults to 1/sqrt(D).
     Rows with no visible key (queries at padded positions) return zeros.
     """
-    probs = _masked_softmax(_attention_scores(q, k, slopes, attention_mask, scale))
+    positions = None if attention_mask is None else alibi_key_positions(attention_mask)
+    return alibi_attention_at(q, k, v, slopes, positions, scale)
+
+
+def alibi_attention_at(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_positions: Tensor | None,
+                       scale: float | None = None) -> Tensor:
+    """alibi_attention with the mask already turned into key positions (alibi_key_positions: fp32
+    (B, Sk), -1 at padding; None = no padding)."""
+    probs = _masked_softmax(_attention_scores(q, k, slopes, key_positions, scale))
     return torch.matmul(probs, v.float()).to(q.dtype)
 
 
@@ -113,7 +134,8 @@ def alibi_attention_probs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, atten
     Dropout is applied to the probabilities in q.dtype with the same call and shape transformers
     uses, so under the same RNG seed both drop the same entries. Returns (out, probs).
     """
-    probs = _masked_softmax(_attention_scores(q, k, slopes, attention_mask, scale)).to(q.dtype)
+    positions = None if attention_mask is None else alibi_key_positions(attention_mask)
+    probs = _masked_softmax(_attention_scores(q, k, slopes, positions, scale)).to(q.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs.float(), v.float()).to(q.dtype)

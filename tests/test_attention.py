@@ -234,7 +234,7 @@ def test_custom_op_opcheck():
     """Fake (meta) implementation, schema and autograd registration of both custom ops are consistent
     with the kernels."""
     q, k, v, slopes = _inputs(1, 1, 3, 5, 16, torch.float32)
-    positions = attention.key_positions(_mask(5, [2]))
+    positions = reference.alibi_key_positions(_mask(5, [2]))
     args = (q, k, v, slopes, positions, 0.125)
     check_opcheck(torch.ops.bloom_kernels.alibi_attention_fwd.default, args, grad=(0, 1, 2))
     out, lse = torch.ops.bloom_kernels.alibi_attention_fwd(*args)

@@ -5,7 +5,8 @@ import torch
 
 import bloom.generation as generation
 from bloom import BloomCache, BloomConfig, BloomForCausalLM, CacheOverflowError
-from bloom.generation import top_k_filter, top_p_filter
+from bloom.decode_step import capacity_bucket
+from bloom.logits import top_k_filter, top_p_filter
 from helpers import left_padded_batch
 
 transformers = pytest.importorskip("transformers")
@@ -177,10 +178,17 @@ def test_cache_is_allocated_once_and_written_in_place(pair, monkeypatch):
 
     monkeypatch.setattr(torch, "cat", no_cat)
     ids, mask = left_padded()
-    ours.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    first = ours.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
     assert len(created) == 1
-    assert created[0].capacity == ids.shape[1] + 6 and not created[0].growable
-    assert created[0].keys[0].data_ptr() == created[0].keys[0].data_ptr()
+    assert created[0].capacity == capacity_bucket(ids.shape[1] + 6) and not created[0].growable
+    address = created[0].keys[0].data_ptr()
+    # a second request of the same shape bucket reuses every buffer: nothing allocated, same answer
+    again = ours.generate(ids, mask, max_new_tokens=6, eos_token_id=[])
+    shorter = ours.generate(ids[:, 2:], mask[:, 2:], max_new_tokens=9, eos_token_id=[])
+    assert len(created) == 1 and created[0].keys[0].data_ptr() == address
+    assert torch.equal(again, first)
+    ours.__dict__.pop("_static_decoders")  # what a fresh decoder makes of the shorter request
+    assert torch.equal(ours.generate(ids[:, 2:], mask[:, 2:], max_new_tokens=9, eos_token_id=[]), shorter)
 
 
 def test_requests_beyond_the_model_limits_are_refused_up_front(pair, monkeypatch):

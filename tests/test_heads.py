@@ -75,8 +75,9 @@ def test_a_head_loads_from_a_base_checkpoint_with_a_fresh_head(tmp_path):
     assert model.score.weight.shape == (4, CFG["hidden_size"]) and not model.score.weight.is_meta
     ids = torch.tensor([[5, 6, 7]])
     with torch.no_grad():
+        # the same fp32 weights: fp32 rounding only (our CPU attention and theirs sum in other orders)
         torch.testing.assert_close(model.transformer(ids).last_hidden_state, theirs(ids).last_hidden_state,
-                                   atol=0, rtol=0)
+                                   atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name, targets, length", [

@@ -223,13 +223,14 @@ def test_triton_path_ran(force_triton, monkeypatch):
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU fallback of the auto backend")
-def test_auto_backend_on_cpu_uses_reference(monkeypatch):
+def test_auto_backend_on_cpu_takes_the_cpu_route(monkeypatch):
     monkeypatch.setenv("BLOOM_KERNELS_BACKEND", "auto")
     x, q, s, b = make_inputs(2, 16, 8, torch.float32, device="cpu")
-    before = _dispatch.dispatch_counts[("int8_linear", "reference")]
+    before = _dispatch.dispatch_counts[("int8_linear", "cpu")]
     out = int8_linear(x, q, s, b)
-    assert _dispatch.dispatch_counts[("int8_linear", "reference")] == before + 1
-    assert torch.equal(out, reference.int8_linear(x, q, s, b))
+    assert _dispatch.dispatch_counts[("int8_linear", "cpu")] == before + 1
+    # the CPU routes sum the same fp32 products in another order: rounding of 16-term dot products
+    torch.testing.assert_close(out, reference.int8_linear(x, q, s, b), atol=1e-5, rtol=1e-5)
 
 
 @needs_triton

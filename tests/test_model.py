@@ -278,25 +278,31 @@ def test_cache_batch_mismatch_and_overflow_are_refused():
 
 
 def test_model_calls_only_bloom_kernels_ops(monkeypatch):
-    """Attention, GeLU and LayerNorm go through bloom_kernels' public functions (kernels slot in there)."""
+    """Attention, GeLU and LayerNorm go through bloom_kernels' unchecked entries (kernels slot in there):
+    the inputs are checked once at the model's boundary, never again per layer by the public ops."""
     import bloom_kernels
 
     calls = []
-    for op in ("alibi_attention", "bias_gelu", "layer_norm"):
-        real = getattr(bloom_kernels, op)
-        monkeypatch.setattr(bloom_kernels, op, lambda *a, _real=real, _op=op, **k: calls.append(_op) or _real(*a, **k))
+    for module in (bloom_kernels, bloom_kernels.unchecked):
+        for op in ("alibi_attention", "bias_gelu", "layer_norm", "prepare_attention"):
+            if hasattr(module, op):
+                real = getattr(module, op)
+                name = op if module is bloom_kernels.unchecked else f"public {op}"
+                monkeypatch.setattr(module, op, lambda *a, _real=real, _op=name, **k: calls.append(_op) or _real(*a, **k))
     model = BloomForCausalLM(BloomConfig(**CONFIGS["heads3"])).eval()
     with torch.no_grad():
-        model(torch.tensor([[1, 2, 3]]))
+        model(torch.tensor([[1, 2, 3]]), attention_mask=torch.tensor([[0, 1, 1]]))
     n = CONFIGS["heads3"]["n_layer"]
+    assert calls.count("prepare_attention") == 1  # key positions and slopes: once per forward
     assert calls.count("alibi_attention") == n
     assert calls.count("bias_gelu") == n
     assert calls.count("layer_norm") == 2 * n + 2  # 2 per block, embedding LN, ln_f
+    assert not [c for c in calls if c.startswith("public")]
 
 
 def test_block_projections_are_linears_computed_by_bloom_kernels(monkeypatch):
-    """Every projection is an nn.Linear (BloomLinear) whose forward is bloom_kernels.linear; h->4h runs
-    without its bias, which goes to the fused bias-GeLU."""
+    """Every projection is an nn.Linear (BloomLinear) whose forward is bloom_kernels' linear (unchecked
+    entry); h->4h runs without its bias, which goes to the fused bias-GeLU."""
     import bloom_kernels
 
     cfg = CONFIGS["heads3"]
@@ -305,7 +311,7 @@ def test_block_projections_are_linears_computed_by_bloom_kernels(monkeypatch):
     assert len(linears) == 4 * cfg["n_layer"] + 1
     assert all(isinstance(m, BloomLinear) for m in linears.values())
     calls = []
-    real_linear, real_bias_gelu = bloom_kernels.linear, bloom_kernels.bias_gelu
+    real_linear, real_bias_gelu = bloom_kernels.unchecked.linear, bloom_kernels.unchecked.bias_gelu
 
     def linear(x, weight, bias=None):
         calls.append((weight.shape, bias is not None))
@@ -315,8 +321,8 @@ def test_block_projections_are_linears_computed_by_bloom_kernels(monkeypatch):
         calls.append(("bias_gelu", bias.shape))
         return real_bias_gelu(x, bias)
 
-    monkeypatch.setattr(bloom_kernels, "linear", linear)
-    monkeypatch.setattr(bloom_kernels, "bias_gelu", bias_gelu)
+    monkeypatch.setattr(bloom_kernels.unchecked, "linear", linear)
+    monkeypatch.setattr(bloom_kernels.unchecked, "bias_gelu", bias_gelu)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]))
     E = cfg["hidden_size"]

@@ -133,21 +133,27 @@ _attention_fwd_op.register_autograd(_autograd_backward, setup_context=_setup_con
 # --------------------------------------------------------------------------------------------------
 # the entry points used by _dispatch
 # --------------------------------------------------------------------------------------------------
-def key_positions(attention_mask: Tensor) -> Tensor:
-    """fp32 (B, Sk): the reference's ALiBi position cumsum(mask) - 1 at tokens, -1 at padding."""
-    batch, key_len = attention_mask.shape
-    pos = reference.alibi_positions(attention_mask, batch, key_len, attention_mask.device)
-    return torch.where(attention_mask != 0, pos, -1.0)
-
-
 def alibi_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor,
                     attention_mask: Tensor | None = None, scale: float | None = None) -> Tensor:
     """Triton ALiBi attention with the semantics of `reference.alibi_attention` (args validated)."""
+    positions = None if attention_mask is None else reference.alibi_key_positions(attention_mask)
+    return alibi_attention_at(q, k, v, slopes, positions, scale)
+
+
+def alibi_attention_at(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_positions: Tensor | None,
+                       scale: float | None = None) -> Tensor:
+    """`reference.alibi_attention_at` in Triton: key_positions fp32 (B, Sk), -1 at padding, or None."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     slopes = slopes.detach().to(torch.float32).contiguous()  # (H,); the slopes take no gradient
-    positions = None if attention_mask is None else key_positions(attention_mask)
-    out, _ = _attention_fwd_op(q, k, v, slopes, positions, scale)
+    if key_positions is not None:
+        key_positions = key_positions.to(torch.float32)
+    out, _ = _attention_fwd_op(q, k, v, slopes, key_positions, scale)
     return out
+
+
+def alibi_attention_at_unsupported(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor,
+                                   key_positions: Tensor | None, scale: float | None = None) -> str | None:
+    return alibi_attention_unsupported(q, k, v, slopes, None, scale)
 
 
 def alibi_attention_unsupported(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor,

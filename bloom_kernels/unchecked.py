@@ -1,0 +1,70 @@
+"""The ops without argument checks, for a caller that validated its inputs once at its own boundary.
+
+bloom's BloomModel checks its inputs in `forward` and then runs every layer through these: the public
+ops (ops.py) check shapes, dtypes and devices on every call, which in a decode step is most of the
+CPU time of the small ops. Same results, same dispatch (`_dispatch.py`): only the checks are gone,
+so a wrong argument here gives torch's own error (or a wrong answer), never a clear one.
+
+Attention takes what every layer of a forward shares, prepared once by `prepare_attention`: the
+slopes as the kernels want them (fp32, contiguous, on the device), the key positions (the cumsum of
+the mask), and, where the CPU route runs, the additive ALiBi + mask bias of cpu_attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import cpu_attention, reference
+from ._dispatch import attention_on_cpu_route, select, select_int8_linear, select_linear
+
+
+@dataclass
+class AttentionInputs:
+    """What every attention layer of one forward shares (built by prepare_attention)."""
+
+    slopes: Tensor                      # fp32 (H,), contiguous, on the device
+    key_positions: Tensor | None        # fp32 (B, Sk): ALiBi position at tokens, -1 at padding; None = none
+    bias: Tensor | None = None          # CPU route: additive ALiBi + mask (B, H, Sq, Sk); else None
+    query_valid: Tensor | None = None   # CPU route: (B, 1, Sq, 1), 0 at queries that see no key
+
+
+def prepare_attention(slopes: Tensor, attention_mask: Tensor | None, batch: int, q_len: int, key_len: int,
+                      dtype: torch.dtype) -> AttentionInputs:
+    """Once per forward: attention_mask (B, Sk) or None; q/k/v will be (B, H, Sq|Sk, D) in `dtype`."""
+    slopes = slopes.to(torch.float32).contiguous()
+    positions = None if attention_mask is None else reference.alibi_key_positions(attention_mask)
+    if attention_on_cpu_route(slopes, dtype):
+        bias, query_valid = cpu_attention.attention_bias(slopes, positions, batch, q_len, key_len)
+        return AttentionInputs(slopes, positions, bias, query_valid)
+    return AttentionInputs(slopes, positions)
+
+
+def alibi_attention(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float | None) -> Tensor:
+    """ops.alibi_attention on prepared inputs: q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D)."""
+    if inputs.bias is not None:
+        return cpu_attention.alibi_attention_biased(q, k, v, inputs.bias, inputs.query_valid, scale)
+    positions = inputs.key_positions
+    tensors = (q, k, v, inputs.slopes) if positions is None else (q, k, v, inputs.slopes, positions)
+    impl = select("alibi_attention_at", tensors, q, k, v, inputs.slopes, positions, scale)
+    return impl(q, k, v, inputs.slopes, positions, scale)
+
+
+def bias_gelu(x: Tensor, bias: Tensor) -> Tensor:
+    return select("bias_gelu", (x, bias), x, bias)(x, bias)
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5,
+               residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    tensors = (x, weight, bias) if residual is None else (x, weight, bias, residual)
+    return select("layer_norm", tensors, x, weight, bias, eps, residual)(x, weight, bias, eps, residual)
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    return select_linear(x)(x, weight, bias)
+
+
+def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    return select_int8_linear(x, weight_int8, scale, bias)(x, weight_int8, scale, bias)
