@@ -33,4 +33,5 @@ __all__ = [
     "layer_norm",
     "linear",
     "quantize_int8",
+    "unchecked",
 ]

@@ -184,3 +184,22 @@ def test_cuda_graph_step_equals_eager_and_is_captured_once(dtype):
     b = model.generate(ids, mask, generator=torch.Generator("cuda").manual_seed(1), decode="cuda_graph", **kw)
     assert torch.equal(a, b)
     assert bloom_kernels._dispatch.kernel_failures() == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_decode_peak_memory_is_weights_cache_and_a_bounded_workspace():
+    """bloom-560m's width with 2 layers, bf16, batch 4, 64 + 192 tokens: the peak over a captured
+    generation is the weights + the KV cache + at most 64 MiB (logits (B, V) fp32 are 4 MB of it)."""
+    cfg = dict(CFG, vocab_size=250880, hidden_size=1024, n_head=16)
+    model = BloomForCausalLM(BloomConfig(**cfg)).eval().to("cuda", torch.bfloat16)
+    ids = torch.randint(4, 250880, (4, 64), device="cuda")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model.generate(ids, max_new_tokens=192, eos_token_id=[], decode="cuda_graph")
+    decoder = next(iter(model._static_decoders.values()))
+    cache = sum(t.numel() * t.element_size() for t in decoder.cache.keys + decoder.cache.values)
+    workspace = torch.cuda.max_memory_allocated() - base - cache
+    assert base >= weights and workspace <= 64 * 2**20, (weights, cache, workspace)
