@@ -186,6 +186,7 @@ def tune(calls: list[Call], dtype_name: str, out=None) -> int:
     took); returns 0, or 1 if a call failed (the others still run)."""
     import torch
 
+    from . import _tune_cache
     from .triton import _tuning
     from .triton._launch import triton_interpreting
 
@@ -201,13 +202,13 @@ def tune(calls: list[Call], dtype_name: str, out=None) -> int:
     from triton import knobs
 
     print(f"tuning {len(calls)} calls on {_tuning.gpu_identity(device)}, {dtype_name}; results cached in "
-          f"{_tuning._short(knobs.cache.dir)} and {_tuning._short(_tuning.tuning_cache('int8_linear').path)}",
+          f"{_tune_cache._short(knobs.cache.dir)} and {_tune_cache._short(_tune_cache.tuning_cache('int8_linear').path)}",
           file=out, flush=True)
     print(f"{'seconds':>8s}  {'tuned':5s}  call", file=out)
     failed, total, start = 0, 0, time.perf_counter()
-    with _env(BLOOM_KERNELS_BACKEND="triton", **{_tuning.QUIET_ENV: "1"}):  # the table says what was tuned
+    with _env(BLOOM_KERNELS_BACKEND="triton", **{_tune_cache.QUIET_ENV: "1"}):  # the table says what was tuned
         for call in calls:
-            seen = len(_tuning.tuning_events)
+            seen = len(_tune_cache.tuning_events)
             torch.cuda.synchronize()
             began = time.perf_counter()
             try:
@@ -218,7 +219,7 @@ def tune(calls: list[Call], dtype_name: str, out=None) -> int:
                 error = f"{type(err).__name__}: {' '.join(str(err).split())[:200]}"
                 failed += 1
                 torch.cuda.empty_cache()
-            tuned = [what for what, _ in _tuning.tuning_events[seen:]]
+            tuned = [what for what, _ in _tune_cache.tuning_events[seen:]]
             total += len(tuned)
             note = f"  FAILED {error}" if error else (f"  ({', '.join(tuned)})" if tuned else "")
             print(f"{time.perf_counter() - began:8.2f}  {len(tuned):5d}  {call.describe()}{note}", file=out,

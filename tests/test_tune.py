@@ -15,6 +15,8 @@ import torch
 
 from helpers import KERNEL_DEVICE, triton_importable
 
+from bloom_kernels import _tune_cache
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # bloom-560m and bloom-7b1 as in their config.json files: hidden, heads, head dim = hidden / heads
@@ -198,13 +200,13 @@ def tuning(monkeypatch, tmp_path):
         pytest.skip("triton is not installed")
     from bloom_kernels.triton import _tuning
 
-    monkeypatch.setenv(_tuning.CACHE_DIR_ENV, str(tmp_path / "bk"))
+    monkeypatch.setenv(_tune_cache.CACHE_DIR_ENV, str(tmp_path / "bk"))
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton"))
-    monkeypatch.delenv(_tuning.QUIET_ENV, raising=False)
-    monkeypatch.setattr(_tuning, "_noted", set())
-    monkeypatch.setattr(_tuning, "_warned", set())
-    monkeypatch.setattr(_tuning, "tuning_events", [])
-    return _tuning
+    monkeypatch.delenv(_tune_cache.QUIET_ENV, raising=False)
+    monkeypatch.setattr(_tune_cache, "_noted", set())
+    monkeypatch.setattr(_tune_cache, "_warned", set())
+    monkeypatch.setattr(_tune_cache, "tuning_events", [])
+    return _tuning  # its shared pieces live in _tune_cache (re-exported), their state patched above
 
 
 def test_cache_dir_env_and_default(tuning, monkeypatch, tmp_path):
@@ -244,7 +246,7 @@ def test_note_prints_one_line_once_per_key(tuning, capsys, monkeypatch):
     monkeypatch.setenv(tuning.QUIET_ENV, "1")
     assert tuning.note_tuning("_k", "(N=1024)", "GPU sm_90", "/x")
     assert capsys.readouterr().err == ""  # quiet, but still recorded
-    assert [key for _, key in tuning.tuning_events] == ["(N=4096)", "(N=8192)", "(N=1024)"]
+    assert [key for _, key in _tune_cache.tuning_events] == ["(N=4096)", "(N=8192)", "(N=1024)"]
 
 
 def test_tuning_cache_round_trips_and_merges_other_processes(tuning, tmp_path):
@@ -318,7 +320,7 @@ def test_int8_picks_persist_across_processes_per_gpu(tuning, int8_tuner, capsys,
         n_timed = len(int8_tuner.timed)
         assert n_timed > 1 and first.block_k == 64 and first.num_stages == 3
         err = capsys.readouterr().err
-        cache_file = tuning._short(tmp_path / "bk" / "int8_linear.json")
+        cache_file = _tune_cache._short(tmp_path / "bk" / "int8_linear.json")
         assert err.splitlines() == [
             "bloom_kernels: tuning int8_linear (y, large path) for (M bucket 512, N 4096, K 4096, bfloat16, "
             f"bias) on NVIDIA H100 80GB HBM3 sm_90 (once; cached in {cache_file})"]
@@ -330,7 +332,7 @@ def test_int8_picks_persist_across_processes_per_gpu(tuning, int8_tuner, capsys,
 
         # "another process": empty memory, a fresh file reader, a note set of its own
         monkeypatch.setattr(il, "_TUNED", {})
-        monkeypatch.setattr(tuning, "_noted", set())
+        monkeypatch.setattr("bloom_kernels._tune_cache._noted", set())
         tuning.tuning_cache.cache_clear()
         assert int8_tuner.pick() == first
         assert len(int8_tuner.timed) == n_timed and capsys.readouterr().err == ""
@@ -428,7 +430,7 @@ def test_autotune_caches_on_disk_keyed_by_gpu_and_notes_once(tuning, fake_sm90, 
     assert rec.benched == [16, 32] and rec.launched == [32, 32]
     assert capsys.readouterr().err.splitlines() == [
         "bloom_kernels: tuning _copy_kernel for (n=100, float32) on NVIDIA Fake 80GB sm_90 (once; cached in "
-        f"{tuning._short(tmp_path / 'triton')})"]
+        f"{_tune_cache._short(tmp_path / 'triton')})"]
     files = list((tmp_path / "triton").rglob("_copy_kernel.autotune.json"))
     assert len(files) == 1
     saved = json.loads(files[0].read_text())

@@ -50,7 +50,8 @@ from torch import Tensor
 
 from ._int8_configs import Int8MatmulConfig, candidates, default_config
 from ._launch import device_index, empty, triton_interpreting
-from ._tuning import gpu_identity, note_tuning, short_hash, tuning_cache, tuning_key
+from .._tune_cache import note_tuning, short_hash, tuning_cache
+from ._tuning import gpu_identity, tuning_key
 
 SMALL_M_MAX = 16  # rows handled by the streaming (decode) path by default
 TUNE_ENV = "BLOOM_KERNELS_INT8_TUNE"
@@ -184,7 +185,7 @@ def _splitk_reduce_kernel(
 # Tuning: the candidates of _int8_configs.py, timed as whole launches
 # --------------------------------------------------------------------------------------------------
 # This process's picks, by (path, scale_on_k, device index, dtype, M bucket, N, K, bias, weight layout).
-# Timed picks are also kept on disk across processes, in _tuning.tuning_cache("int8_linear")
+# Timed picks are also kept on disk across processes, in _tune_cache.tuning_cache("int8_linear")
 # (~/.cache/bloom_kernels/int8_linear.json; BLOOM_KERNELS_CACHE_DIR moves it), keyed by _tuning.tuning_key:
 # the GPU's name and capability, the Triton version, then the fields of the key above and a hash of the
 # candidate list (a changed list re-times).
