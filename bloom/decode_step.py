@@ -104,6 +104,12 @@ class StaticDecoder:
         self.advance(logits)
 
     def step(self) -> None:
+        if self._runner is None and self.mode == "compile":
+            # The first step runs eagerly: every op meets its decode shapes outside tracing, so the CPU
+            # routes are timed (bloom_kernels.cpu_routes) and the graph traces their picks.
+            self.step_eager()
+            self._runner = self._build()
+            return
         if self._runner is None:
             self._runner = self._build()
         self._runner()

@@ -54,7 +54,7 @@ from typing import Callable
 
 import torch
 
-from . import cpu, cpu_attention, reference
+from . import cpu_attention, cpu_routes, reference
 from .triton._launch import triton_interpreting
 
 BACKEND_ENV = "BLOOM_KERNELS_BACKEND"
@@ -331,8 +331,9 @@ def select(op: str, tensors: tuple[torch.Tensor, ...], *args, **kwargs) -> Calla
 
 
 def _cpu_route(tensors: tuple[torch.Tensor, ...]) -> bool:
-    """CPU tensors that may not take the kernel run cpu.py's routes under `auto` (`reference` forces the
-    reference; `triton` with the interpreter means the kernels, what tests of them through a model want)."""
+    """CPU tensors that may not take the kernel run the measured routes of cpu_routes.py under `auto`
+    (`reference` forces the reference; `triton` with the interpreter means the kernels, what tests of
+    them through a model want)."""
     mode = requested_backend()
     return mode == "auto" and tensors[0].device.type == "cpu" and not _kernel_eligible(mode, tensors)
 
@@ -347,20 +348,20 @@ def attention_on_cpu_route(slopes: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def select_int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, scale: torch.Tensor,
                        bias: torch.Tensor | None) -> Callable:
-    """int8_linear's implementation: the CPU route (cpu.int8_linear) for CPU tensors under auto, else
-    the kernel or the reference as `select` picks."""
+    """int8_linear's implementation: the measured CPU route (cpu_routes.int8_linear) for CPU tensors
+    under auto, else the kernel or the reference as `select` picks."""
     tensors = (x, weight_int8, scale) if bias is None else (x, weight_int8, scale, bias)
     if _cpu_route(tensors):
         _count("int8_linear", "cpu")
-        return cpu.int8_linear
+        return cpu_routes.int8_linear
     return select("int8_linear", tensors, x, weight_int8, scale, bias)
 
 
 def select_linear(x: torch.Tensor) -> Callable:
-    """The implementation of `linear` for this input: the CPU route of cpu.py for CPU tensors (unless
-    the reference is forced), else the reference (F.linear: cuBLAS on a GPU)."""
+    """The implementation of `linear` for this input: the measured CPU route (cpu_routes.linear) for
+    CPU tensors (unless the reference is forced), else the reference (F.linear: cuBLAS on a GPU)."""
     if x.device.type == "cpu" and requested_backend() != "reference":
         _count("linear", "cpu")
-        return cpu.linear
+        return cpu_routes.linear
     _count("linear", "reference")
     return reference.linear

@@ -136,6 +136,10 @@ class TuningCache:
             self._entries, self._loaded_from = load_json(path), path
         return self._entries
 
+    def reload(self) -> None:
+        """Read the file again on the next get (another process may have changed it)."""
+        self._entries = None
+
     def get(self, key: str):
         return self._load().get(key)
 

@@ -1,35 +1,43 @@
-"""CPU speed routes: faster ways to compute an op on the CPU than its eager reference, with the same
-products summed in another order (fp32 rounding differences only). `_dispatch.select_linear` picks
-them; `reference.py` stays the plain definition each route is tested against.
+"""CPU speed routes: other ways to compute `linear` and `int8_linear` on the CPU than their eager
+references, with the same products summed in another order (fp32 rounding differences only).
+Which one runs for a shape is measured on the machine (cpu_routes.py); `reference.py` stays the plain
+definition each route is tested against.
 
-linear: a skinny x (decode: <= SKINNY_MAX_ROWS rows) against a large weight runs as a batched matmul
-over 4 (or 2) row blocks of the weight: MKL spreads that over its threads and streams the weight at
-memory speed, where its skinny GEMM does not. Measured once, on 2 cores: BLOOM's lm_head (250880 x
-1024) went from 65 to 43 ms at one row and from 262 to 114 ms at eight; how it fares on other
-machines and shapes is not known (to be chosen per shape by measurement).
+Decode multiplies a few rows by a large weight, and is bound by reading the weight. On the machine
+these were written on (2 cores, AMD EPYC, MKL), MKL's skinny GEMM reads it at a fraction of memory
+speed, and which route is fastest changed from shape to shape:
+  F.linear    MKL's GEMM: the reference, best for many rows (prefill) and some small weights;
+  rowblock    a batched matmul over 4 (or 2) row blocks of the weight: MKL spreads it over its threads
+              (BLOOM's lm_head at one row: 30 ms vs 62 ms for F.linear);
+  gemv        the product as elementwise-multiply-and-sum, compiled by inductor for this exact shape:
+              one vectorised pass over the weight (4096x1024 at one row: 0.23 ms vs 1.2 ms);
+for int8 weights:
+  dequant     the reference: the weight dequantized to fp32, then F.linear (reads 5 bytes per weight);
+  gemv        the int8 weight read once, converted and scaled in registers (1 byte per weight).
 """
 
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# inputs of at most this many rows against a weight of at least this many elements take the row-block
-# batched-matmul route
-SKINNY_MAX_ROWS = 16
-SKINNY_MIN_WEIGHT = 1 << 20
+from . import reference
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias) in x.dtype, through the row-block route when x is skinny (above)."""
+# --------------------------------------------------------------------------------------------------
+# linear
+# --------------------------------------------------------------------------------------------------
+def linear_rowblock(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) as a batched matmul over row blocks of the weight (needs a contiguous
+    weight whose rows split in 4 or 2; else F.linear)."""
     out_features, in_features = weight.shape
-    rows = x.numel() // in_features if in_features else 0
-    skinny = (x.device.type == "cpu" and 0 < rows <= SKINNY_MAX_ROWS
-              and weight.numel() >= SKINNY_MIN_WEIGHT and weight.is_contiguous())
     chunks = next((c for c in (4, 2) if out_features % c == 0), None)
-    if not skinny or chunks is None:
+    if chunks is None or not weight.is_contiguous() or in_features == 0:
         return F.linear(x, weight, bias)
+    rows = x.numel() // in_features
     blocks = weight.view(chunks, out_features // chunks, in_features)
     xt = x.reshape(rows, in_features).t().expand(chunks, in_features, rows)
     if bias is None:
@@ -39,8 +47,59 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     return y.reshape(out_features, rows).t().contiguous().view(*x.shape[:-1], out_features)
 
 
-def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """reference.int8_linear (placeholder until the measured CPU routes land)."""
-    from . import reference
+def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    # (rows, 1, K) * (1, N, K) summed over K, in fp32: inductor turns this into one loop over the weight
+    # with the rows in registers; it is never materialised.
+    x2 = x.reshape(-1, weight.shape[1]).float()
+    y = (x2.unsqueeze(1) * weight.float().unsqueeze(0)).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
-    return reference.int8_linear(x, weight_int8, scale, bias)
+
+def _int8_gemv(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    # the scale is per output row, so it multiplies the sum, not every product
+    x2 = x.reshape(-1, weight_int8.shape[1]).float()
+    y = (x2.unsqueeze(1) * weight_int8.float().unsqueeze(0)).sum(-1) * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).view(*x.shape[:-1], weight_int8.shape[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# compiled, once per exact shape
+# --------------------------------------------------------------------------------------------------
+_compiled: dict[tuple, object] = {}
+
+
+def _compiled_for(fn, tensors: tuple[Tensor | None, ...]):
+    """fn compiled by inductor for exactly these shapes/dtypes. Each shape gets its own copy of fn's
+    code object: dynamo caches (and caps, at 8) compilations per code object, and a model has more
+    than 8 projection shapes."""
+    key = (fn.__name__,) + tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors)
+    compiled = _compiled.get(key)
+    if compiled is None:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_compiled)}")
+        copy = types.FunctionType(code, fn.__globals__, code.co_name)
+        compiled = _compiled[key] = torch.compile(copy, dynamic=False, fullgraph=True)
+    return compiled
+
+
+def linear_gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) through the compiled multiply-and-sum (fp32 accumulation). Inside a
+    graph being compiled it is traced as plain ops: the outer compilation fuses it in."""
+    if torch.compiler.is_compiling():
+        return _gemv(x, weight, bias)
+    return _compiled_for(_gemv, (x, weight, bias))(x, weight, bias)
+
+
+def int8_linear_gemv(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """reference.int8_linear through the compiled multiply-and-sum on the int8 weight."""
+    if torch.compiler.is_compiling():
+        return _int8_gemv(x, weight_int8, scale, bias)
+    return _compiled_for(_int8_gemv, (x, weight_int8, scale, bias))(x, weight_int8, scale, bias)
+
+
+# route name -> implementation, per op (cpu_routes.py measures and picks among them)
+LINEAR_ROUTES = {"F.linear": reference.linear, "rowblock": linear_rowblock, "gemv": linear_gemv}
+INT8_LINEAR_ROUTES = {"dequant": reference.int8_linear, "gemv": int8_linear_gemv}

@@ -128,8 +128,8 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | No
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., K) · weight (N, K)ᵀ + bias (N,) in x.dtype: F.linear, with a faster CPU route for
-    skinny inputs (cpu.linear). On the GPU it is F.linear (cuBLAS)."""
+    """x (..., K) · weight (N, K)ᵀ + bias (N,) in x.dtype: F.linear, or on the CPU the route measured
+    fastest for decode-sized inputs of this shape (cpu_routes.py). On the GPU it is F.linear (cuBLAS)."""
     check_tensor("x", x, min_ndim=1)
     check_tensor("weight", weight, ndim=2)
     if x.shape[-1] != weight.shape[1]:

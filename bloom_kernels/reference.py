@@ -233,5 +233,5 @@ def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | No
 # float linear (the model's projections)
 # --------------------------------------------------------------------------------------------------
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias), computed in x.dtype like nn.Linear (the CPU route is cpu.linear)."""
+    """F.linear(x, weight, bias), computed in x.dtype like nn.Linear (the CPU routes are in cpu.py)."""
     return F.linear(x, weight, bias)

@@ -4,6 +4,7 @@
     python -m bloom_kernels.tune --model bloom-560m --int8 --backward --batch 1 --seq 512
     python -m bloom_kernels.tune --model bloom-7b1 --dry-run        # the plan only; any machine
     bloom tune --model bloom-7b1                                    # the same, from the `bloom` command
+    python -m bloom_kernels.tune --model bloom-560m --cpu --int8    # the CPU routes of decode (no GPU)
 
 Each autotuned kernel times its configs the first time it meets a key (power-of-two buckets of the
 sizes, the dtypes, the GPU) and keeps the pick on disk (Triton's cache for the autotuned kernels,
@@ -25,6 +26,11 @@ The plan, for each batch B and prompt length S (tokens B*S):
   backward  (with --backward) forward and backward of layer_norm, bias_gelu, alibi_attention (no mask,
             mask) at (B, S), and with --int8 the projections' dx
 Duplicate calls are planned once.
+
+With --cpu nothing runs on a GPU: for each batch B it times the CPU routes (cpu_routes.py) of the
+decode projections, (B, h) against the four projections and the lm_head (fp32 unless --dtype says
+otherwise; with --int8 also int8_linear), keeps the picks in ~/.cache/bloom_kernels/cpu_routes.json and
+prints each route's time. Prefill (more than cpu_routes.MEASURED_MAX_ROWS rows) always takes F.linear.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from dataclasses import dataclass
 
 from .shapes import BLOOM_SHAPES, VOCAB_SIZE, BloomShape, bloom_shape
 
-DTYPES = ("bf16", "fp16")
+DTYPES = ("bf16", "fp16", "fp32")
 DEFAULT_BATCHES = (1, 8)
 DEFAULT_SEQS = (128, 2048)
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -229,6 +235,40 @@ def tune(calls: list[Call], dtype_name: str, out=None) -> int:
     return 1 if failed else 0
 
 
+def tune_cpu(shape: BloomShape, batches, dtype_name: str, int8: bool, out=None) -> int:
+    """Time the CPU routes of a model's decode projections (see the module docstring); returns 0."""
+    import torch
+
+    from . import _tune_cache, cpu_routes, reference
+
+    out = out or sys.stdout
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    print(f"CPU routes of {shape.name} decode on {cpu_routes.machine()}, {torch.get_num_threads()} threads, "
+          f"{dtype_name}; picks cached in {_tune_cache._short(_tune_cache.tuning_cache('cpu_routes').path)}",
+          file=out, flush=True)
+    print(f"{'op':12s} {'rows':>4s} {'N':>7s} {'K':>6s}  {'pick':9s} times (ms; '-' = known, not timed)", file=out)
+    linears = [*shape.projections, (VOCAB_SIZE, shape.hidden, False)]
+    ops = ("linear", "int8_linear") if int8 else ("linear",)
+    g = torch.Generator().manual_seed(0)
+    with _env(BLOOM_KERNELS_CPU_ROUTE="measure", **{_tune_cache.QUIET_ENV: "1"}), torch.inference_mode():
+        for n, k, has_bias in linears:
+            weight = torch.randn(n, k, generator=g).to(dtype)
+            bias = torch.randn(n, generator=g).to(dtype) if has_bias else None
+            for op in ops:
+                args_w = reference.quantize_int8(weight) if op == "int8_linear" else (weight,)
+                for b in batches:
+                    x = torch.randn(b, k, generator=g).to(dtype)
+                    args = (x, *args_w, bias)
+                    key = (op, b, n, k, dtype, has_bias)
+                    known = cpu_routes._known_pick(*key)
+                    pick = cpu_routes.route(op, x, args_w[0], bias, args)
+                    stored = _tune_cache.tuning_cache("cpu_routes").get(cpu_routes._disk_key(key)) or {}
+                    timed = stored.get("ms", {}).items()
+                    times = "-" if known else "  ".join(f"{r} {ms:.3f}" for r, ms in timed)
+                    print(f"{op:12s} {b:4d} {n:7d} {k:6d}  {pick:9s} {times}", file=out, flush=True)
+    return 0
+
+
 # --------------------------------------------------------------------------------------------------
 # command line (also `bloom tune`, through add_arguments and run)
 # --------------------------------------------------------------------------------------------------
@@ -264,7 +304,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which.add_argument("--model", type=_model, metavar="NAME",
                        help=f"a BLOOM model: {', '.join(BLOOM_SHAPES)} (also bigscience/<name>, bloom-176b)")
     which.add_argument("--list-models", action="store_true", help="list the known models and their shapes")
-    parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="activation dtype (default: bf16)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None,
+                        help="activation dtype (default: bf16 on the GPU, fp32 with --cpu)")
     parser.add_argument("--batch", type=_positive, nargs="+", default=list(DEFAULT_BATCHES), metavar="B",
                         help=f"batch sizes (default: {' '.join(map(str, DEFAULT_BATCHES))})")
     parser.add_argument("--seq", type=_positive, nargs="+", default=list(DEFAULT_SEQS), metavar="S",
@@ -274,6 +315,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"decode (default: {DEFAULT_MAX_NEW_TOKENS})")
     parser.add_argument("--backward", action="store_true", help="also tune the training backward kernels")
     parser.add_argument("--int8", action="store_true", help="also tune int8_linear (int8 weight-only models)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="time the CPU routes of the decode projections instead (no GPU needed)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (the op calls and their shapes) without running anything")
 
@@ -287,14 +330,19 @@ def run(args: argparse.Namespace, out=None) -> int:
                   f"ffn {s.ffn:6d}  layers {s.layers}", file=out)
         return 0
     shape = args.model
+    if args.cpu:
+        return tune_cpu(shape, args.batch, args.dtype or "fp32", args.int8, out)
+    dtype_name = args.dtype or "bf16"
+    if dtype_name == "fp32":
+        raise ValueError("--dtype fp32 is for --cpu: the GPU kernels are tuned in bf16 or fp16")
     calls = plan(shape, args.batch, args.seq, args.max_new_tokens, args.backward, args.int8)
     if args.dry_run:
         print(f"plan for {shape.name} (hidden {shape.hidden}, {shape.heads} heads of {shape.head_dim}, ffn "
-              f"{shape.ffn}), {args.dtype}: {len(calls)} calls", file=out)
+              f"{shape.ffn}), {dtype_name}: {len(calls)} calls", file=out)
         for call in calls:
             print(call.describe(), file=out)
         return 0
-    return tune(calls, args.dtype, out)
+    return tune(calls, dtype_name, out)
 
 
 def main(argv=None) -> int:

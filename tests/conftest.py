@@ -5,11 +5,18 @@ before triton is first imported — so it is set here, at collection time.
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# The CPU routes are timed only where a test asks for it (test_cpu_routes.py): elsewhere a model on the
+# CPU takes the reference route, and no test reads or writes the user's tuning cache.
+os.environ.setdefault("BLOOM_KERNELS_CPU_ROUTE", "default")
+os.environ.setdefault("BLOOM_KERNELS_CACHE_DIR",
+                      os.path.join(tempfile.mkdtemp(prefix="bloom_kernels_test_cache_"), "bk"))
 
 import pytest  # noqa: E402
 

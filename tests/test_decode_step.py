@@ -33,9 +33,13 @@ def compiled_generate(model, ids, mask, **kwargs):
     return out, dict(counters["stats"]), dict(counters["graph_break"]), decode_step.build_counts["compile"] - builds
 
 
-@pytest.mark.parametrize("backend", ["reference", "auto"])
-def test_compiled_step_has_one_graph_no_break_no_recompile(model, backend, monkeypatch):
+@pytest.mark.parametrize("backend, cpu_route", [("reference", "default"), ("auto", "default"),
+                                                ("auto", "gemv")])
+def test_compiled_step_has_one_graph_no_break_no_recompile(model, backend, cpu_route, monkeypatch):
+    """auto with gemv: every projection through the compiled multiply-and-sum route (eager: inductor
+    per shape; in the step: traced into the step's graph)."""
     monkeypatch.setenv("BLOOM_KERNELS_BACKEND", backend)
+    monkeypatch.setenv("BLOOM_KERNELS_CPU_ROUTE", cpu_route)
     model.__dict__.pop("_static_decoders", None)
     ids, mask = prompts()
     eager = model.generate(ids, mask, decode="eager", **GREEDY)

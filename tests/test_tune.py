@@ -560,3 +560,48 @@ def test_gpu_tune_command_then_everything_is_cached(tmp_path):
     assert "keys tuned by" in first.stdout and "FAILED" not in first.stdout
     second = _subprocess(argv, tmp_path)
     assert "\n0 keys tuned by" in second.stdout, second.stdout
+
+
+# --------------------------------------------------------------------------------------------------
+# --cpu: the CPU routes of a model's decode projections
+# --------------------------------------------------------------------------------------------------
+def test_cpu_tuning_measures_each_decode_projection_once(monkeypatch, tmp_path, capsys):
+    """Every projection and the lm_head, per batch, linear and int8_linear: measured (timing faked
+    here), stored on disk, and known (not timed) on a second run."""
+    from bloom_kernels import cpu_routes, tune
+    from bloom_kernels.shapes import BloomShape
+
+    monkeypatch.setenv(_tune_cache.CACHE_DIR_ENV, str(tmp_path / "bk"))
+    monkeypatch.setattr(cpu_routes, "_picks", {})
+    monkeypatch.setattr(tune, "VOCAB_SIZE", 300)
+    measured = []
+
+    def fake_measure(op, args):
+        measured.append((op, args[0].shape[0], args[1].shape))
+        return ("gemv", {"gemv": 1.0, "dequant": 2.0}) if op == "int8_linear" else ("rowblock", {"rowblock": 1.0})
+
+    monkeypatch.setattr(cpu_routes, "measure", fake_measure)
+    shape = BloomShape("tiny", 64, 4, 2)
+    assert tune.tune_cpu(shape, [1, 3], "fp32", int8=True) == 0
+    table = capsys.readouterr().out
+    # 4 projections + lm_head, 2 ops, 2 batches
+    assert len(measured) == 20 and ("linear", 3, (300, 64)) in measured and ("int8_linear", 1, (64, 256)) in measured
+    assert "int8_linear     3     300     64  gemv      gemv 1.000  dequant 2.000" in table
+    stored = json.loads((tmp_path / "bk" / "cpu_routes.json").read_text())
+    assert len(stored) == 20 and all("|threads=" in key for key in stored)
+
+    monkeypatch.setattr(cpu_routes, "_picks", {})  # a new process: everything known from disk
+    _tune_cache.tuning_cache("cpu_routes").reload()
+    assert tune.tune_cpu(shape, [1, 3], "fp32", int8=True) == 0
+    assert len(measured) == 20 and "linear          1     192     64  rowblock  -" in capsys.readouterr().out
+
+
+def test_cpu_flag_on_the_command_line(monkeypatch):
+    from bloom_kernels import tune
+
+    seen = {}
+    monkeypatch.setattr(tune, "tune_cpu", lambda shape, batches, dtype, int8, out: seen.update(
+        shape=shape.name, batches=batches, dtype=dtype, int8=int8) or 0)
+    assert tune.main(["--model", "bloom-560m", "--cpu", "--batch", "1", "8"]) == 0
+    assert seen == dict(shape="bloom-560m", batches=[1, 8], dtype="fp32", int8=False)
+    assert tune.main(["--model", "bloom-560m", "--dtype", "fp32"]) == 1  # the GPU kernels: bf16 / fp16

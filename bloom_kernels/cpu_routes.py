@@ -1,0 +1,159 @@
+"""Which CPU route (cpu.py) runs `linear` / `int8_linear` for a shape: measured on this machine, not
+decided by a rule, because the fastest one changes from shape to shape and machine to machine.
+
+    BLOOM_KERNELS_CPU_ROUTE=measure   (default) the first eager call of a decode-sized shape (at most
+                                      MEASURED_MAX_ROWS rows) times every route on the call's own tensors
+                                      and keeps the fastest, in memory and on disk; a one-line note on
+                                      stderr says so (BLOOM_KERNELS_TUNE_QUIET=1 silences it)
+    BLOOM_KERNELS_CPU_ROUTE=default   no timing: the reference route (F.linear / dequant) unless a pick
+                                      is already known
+    BLOOM_KERNELS_CPU_ROUTE=<route>   that route for every call of an op that has it (F.linear, rowblock,
+                                      gemv, dequant) that needs no gradient: to compare routes, or to
+                                      pin one
+
+Picks live in cpu_routes.json under the tuning cache folder (~/.cache/bloom_kernels, or
+$BLOOM_KERNELS_CACHE_DIR), keyed by the machine (CPU model, torch version, threads), the op, the exact
+row count, N, K, dtype and bias; `python -m bloom_kernels.tune --cpu --model bloom-560m` measures a
+model's decode shapes ahead of time, and deleting the file re-measures. Nothing is timed while
+torch.compile traces (a known pick, else the default, is traced) or when gradients are needed (the
+reference runs: it is what autograd differentiates).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import time
+
+import torch
+from torch import Tensor
+
+from . import cpu
+from ._tune_cache import note_tuning, tuning_cache
+
+ROUTE_ENV = "BLOOM_KERNELS_CPU_ROUTE"
+ROUTES = {"linear": cpu.LINEAR_ROUTES, "int8_linear": cpu.INT8_LINEAR_ROUTES}
+DEFAULT_ROUTE = {"linear": "F.linear", "int8_linear": "dequant"}
+MEASURED_MAX_ROWS = 16  # decode; more rows (prefill) take the default, where MKL's GEMM is at its best
+TIMING_ROUNDS = 5       # rounds over all routes, interleaved; each route keeps its best round
+
+# (op, rows, N, K, dtype, bias) -> route name (None: not measured, none on disk), for this process
+_picks: dict[tuple, str | None] = {}
+
+
+def requested() -> str:
+    value = os.environ.get(ROUTE_ENV, "measure").strip() or "measure"
+    names = {name for routes in ROUTES.values() for name in routes}
+    if value not in names | {"measure", "default"}:
+        raise ValueError(f"{ROUTE_ENV} must be measure, default or a route ({', '.join(sorted(names))}); "
+                         f"got {value!r}")
+    return value
+
+
+@functools.cache
+def machine() -> str:
+    """The CPU the picks belong to: its model name, the torch version (its MKL/oneDNN) and threads are
+    added per key (the thread count can change at run time)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return name
+
+
+def _disk_key(key: tuple) -> str:
+    op, rows, n, k, dtype, bias = key
+    return (f"cpu={machine()}|torch={torch.__version__}|threads={torch.get_num_threads()}|op={op}|"
+            f"rows={rows}|n={n}|k={k}|dtype={str(dtype).removeprefix('torch.')}|bias={bias}")
+
+
+def _time_ms(fn) -> float:
+    """Wall time of one call, in ms (tests replace it with a fake clock)."""
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def measure(op: str, args: tuple) -> tuple[str, dict[str, float]]:
+    """Time every route of `op` on `args`, interleaved over TIMING_ROUNDS rounds after one warm-up
+    call each (which compiles a compiled route); the fastest by best round, and every route's time. A
+    route that fails here (no C++ compiler for inductor, say) is left out."""
+    routes = dict(ROUTES[op])
+    for name, fn in list(routes.items()):
+        try:
+            fn(*args)
+        except Exception:  # noqa: BLE001 - a route that cannot run here is simply not a candidate
+            del routes[name]
+    best = {name: float("inf") for name in routes}
+    with torch.inference_mode():
+        for _ in range(TIMING_ROUNDS):
+            for name, fn in routes.items():
+                best[name] = min(best[name], _time_ms(lambda fn=fn: fn(*args)))
+    return min(best, key=best.get), best
+
+
+def route(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple) -> str:
+    """The route name for this call of `op` (args: the call's arguments, timed if it must measure)."""
+    choice = requested()
+    if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
+        return DEFAULT_ROUTE[op]
+    if choice in ROUTES[op]:
+        return choice
+    k = weight.shape[1]
+    key = (op, x.numel() // k if k else 0, weight.shape[0], k, x.dtype, bias is not None)
+    if not 0 < key[1] <= MEASURED_MAX_ROWS:
+        return DEFAULT_ROUTE[op]
+    if torch.compiler.is_compiling():  # traced as a constant: no timing, no guard on the table
+        return _known_pick(*key) or DEFAULT_ROUTE[op]
+    known = _known_pick(*key)
+    if known is not None:
+        return known
+    if choice == "default":
+        return DEFAULT_ROUTE[op]
+    op, rows, n, k, dtype, has_bias = key
+    disk = tuning_cache("cpu_routes")
+    note_tuning(f"{op} (CPU route)", f"({rows} rows, N {n}, K {k}, {str(dtype).removeprefix('torch.')}"
+                f"{', bias' if has_bias else ''})", machine(), str(disk.path))
+    best, times = measure(op, args)
+    disk.put(_disk_key(key), {"route": best, "ms": {name: round(ms, 4) for name, ms in times.items()}})
+    _picks[key] = best
+    return best
+
+
+def _known_pick(op: str, rows: int, n: int, k: int, dtype: torch.dtype, has_bias: bool) -> str | None:
+    """The pick of this key from memory, else from disk (remembered, None too: the disk is read once
+    per key), else None. Under torch.compile it runs once, at trace time, and its answer is a constant
+    of the graph."""
+    key = (op, rows, n, k, dtype, has_bias)
+    if key not in _picks:
+        stored = tuning_cache("cpu_routes").get(_disk_key(key))
+        ok = isinstance(stored, dict) and stored.get("route") in ROUTES[op]
+        _picks[key] = stored["route"] if ok else None
+    return _picks[key]
+
+
+# torch.compiler.assume_constant_result(_known_pick), without importing dynamo here (it imports triton
+# and takes a second): that decorator only sets this attribute. tests/test_cpu_routes.py proves the
+# pick is traced as a constant, so a torch that changes the mark fails there, not silently.
+_known_pick._dynamo_marked_constant = True
+
+
+def forget() -> None:
+    """Drop this process's picks (the disk file stays): the next call of a key reads the file again."""
+    _picks.clear()
+    tuning_cache("cpu_routes").reload()
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """F.linear(x, weight, bias) on the CPU through the measured route."""
+    args = (x, weight, bias)
+    return ROUTES["linear"][route("linear", x, weight, bias, args)](*args)
+
+
+def int8_linear(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """reference.int8_linear on the CPU through the measured route."""
+    args = (x, weight_int8, scale, bias)
+    return ROUTES["int8_linear"][route("int8_linear", x, weight_int8, bias, args)](*args)
