@@ -14,7 +14,8 @@ decided by a rule, because the fastest one changes from shape to shape and machi
 Picks live in cpu_routes.json under the tuning cache folder (~/.cache/bloom_kernels, or
 $BLOOM_KERNELS_CACHE_DIR), keyed by the machine (CPU model, torch version, threads), the op, the exact
 row count, N, K, dtype and bias; `python -m bloom_kernels.tune --cpu --model bloom-560m` measures a
-model's decode shapes ahead of time, and deleting the file re-measures. Nothing is timed while
+model's decode shapes ahead of time (`--remeasure` times them again: a pick timed while the machine
+was busy with something else can be wrong). Nothing is timed while
 torch.compile traces (a known pick, else the default, is traced) or when gradients are needed (the
 reference runs: it is what autograd differentiates).
 """
@@ -36,7 +37,8 @@ ROUTE_ENV = "BLOOM_KERNELS_CPU_ROUTE"
 ROUTES = {"linear": cpu.LINEAR_ROUTES, "int8_linear": cpu.INT8_LINEAR_ROUTES}
 DEFAULT_ROUTE = {"linear": "F.linear", "int8_linear": "dequant"}
 MEASURED_MAX_ROWS = 16  # decode; more rows (prefill) take the default, where MKL's GEMM is at its best
-TIMING_ROUNDS = 5       # rounds over all routes, interleaved; each route keeps its best round
+TIMING_ROUNDS = 7       # rounds over all routes, interleaved; each route keeps its best round
+BURST_MS = 2.0          # a round repeats a fast call for at least this long and takes the mean
 
 # (op, rows, N, K, dtype, bias) -> route name (None: not measured, none on disk), for this process
 _picks: dict[tuple, str | None] = {}
@@ -71,10 +73,15 @@ def _disk_key(key: tuple) -> str:
 
 
 def _time_ms(fn) -> float:
-    """Wall time of one call, in ms (tests replace it with a fake clock)."""
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
+    """Mean wall time of one call over a burst of at least BURST_MS (one call if it takes longer), in
+    ms: a 20 us call timed alone is mostly timer and cache noise (tests replace this with a fake clock)."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed * 1e3 >= BURST_MS:
+            return elapsed * 1e3 / calls
 
 
 def measure(op: str, args: tuple) -> tuple[str, dict[str, float]]:
@@ -113,6 +120,12 @@ def route(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple) 
         return known
     if choice == "default":
         return DEFAULT_ROUTE[op]
+    return measure_and_keep(key, args)
+
+
+def measure_and_keep(key: tuple, args: tuple) -> str:
+    """Time the routes of `key` = (op, rows, N, K, dtype, has_bias) on `args`, keep the fastest in memory
+    and on disk (replacing what was there), print the note once; returns it."""
     op, rows, n, k, dtype, has_bias = key
     disk = tuning_cache("cpu_routes")
     note_tuning(f"{op} (CPU route)", f"({rows} rows, N {n}, K {k}, {str(dtype).removeprefix('torch.')}"

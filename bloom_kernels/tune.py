@@ -235,7 +235,7 @@ def tune(calls: list[Call], dtype_name: str, out=None) -> int:
     return 1 if failed else 0
 
 
-def tune_cpu(shape: BloomShape, batches, dtype_name: str, int8: bool, out=None) -> int:
+def tune_cpu(shape: BloomShape, batches, dtype_name: str, int8: bool, out=None, remeasure: bool = False) -> int:
     """Time the CPU routes of a model's decode projections (see the module docstring); returns 0."""
     import torch
 
@@ -260,8 +260,11 @@ def tune_cpu(shape: BloomShape, batches, dtype_name: str, int8: bool, out=None) 
                     x = torch.randn(b, k, generator=g).to(dtype)
                     args = (x, *args_w, bias)
                     key = (op, b, n, k, dtype, has_bias)
-                    known = cpu_routes._known_pick(*key)
-                    pick = cpu_routes.route(op, x, args_w[0], bias, args)
+                    known = None if remeasure else cpu_routes._known_pick(*key)
+                    if remeasure:
+                        pick = cpu_routes.measure_and_keep(key, args)
+                    else:
+                        pick = cpu_routes.route(op, x, args_w[0], bias, args)
                     stored = _tune_cache.tuning_cache("cpu_routes").get(cpu_routes._disk_key(key)) or {}
                     timed = stored.get("ms", {}).items()
                     times = "-" if known else "  ".join(f"{r} {ms:.3f}" for r, ms in timed)
@@ -317,6 +320,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int8", action="store_true", help="also tune int8_linear (int8 weight-only models)")
     parser.add_argument("--cpu", action="store_true",
                         help="time the CPU routes of the decode projections instead (no GPU needed)")
+    parser.add_argument("--remeasure", action="store_true",
+                        help="with --cpu: time every route again, even where a pick is on disk")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan (the op calls and their shapes) without running anything")
 
@@ -331,7 +336,7 @@ def run(args: argparse.Namespace, out=None) -> int:
         return 0
     shape = args.model
     if args.cpu:
-        return tune_cpu(shape, args.batch, args.dtype or "fp32", args.int8, out)
+        return tune_cpu(shape, args.batch, args.dtype or "fp32", args.int8, out, args.remeasure)
     dtype_name = args.dtype or "bf16"
     if dtype_name == "fp32":
         raise ValueError("--dtype fp32 is for --cpu: the GPU kernels are tuned in bf16 or fp16")

@@ -594,14 +594,16 @@ def test_cpu_tuning_measures_each_decode_projection_once(monkeypatch, tmp_path, 
     _tune_cache.tuning_cache("cpu_routes").reload()
     assert tune.tune_cpu(shape, [1, 3], "fp32", int8=True) == 0
     assert len(measured) == 20 and "linear          1     192     64  rowblock  -" in capsys.readouterr().out
+    assert tune.tune_cpu(shape, [1], "fp32", int8=False, remeasure=True) == 0  # timed again
+    assert len(measured) == 25
 
 
 def test_cpu_flag_on_the_command_line(monkeypatch):
     from bloom_kernels import tune
 
     seen = {}
-    monkeypatch.setattr(tune, "tune_cpu", lambda shape, batches, dtype, int8, out: seen.update(
-        shape=shape.name, batches=batches, dtype=dtype, int8=int8) or 0)
-    assert tune.main(["--model", "bloom-560m", "--cpu", "--batch", "1", "8"]) == 0
-    assert seen == dict(shape="bloom-560m", batches=[1, 8], dtype="fp32", int8=False)
+    monkeypatch.setattr(tune, "tune_cpu", lambda shape, batches, dtype, int8, out, remeasure: seen.update(
+        shape=shape.name, batches=batches, dtype=dtype, int8=int8, remeasure=remeasure) or 0)
+    assert tune.main(["--model", "bloom-560m", "--cpu", "--batch", "1", "8", "--remeasure"]) == 0
+    assert seen == dict(shape="bloom-560m", batches=[1, 8], dtype="fp32", int8=False, remeasure=True)
     assert tune.main(["--model", "bloom-560m", "--dtype", "fp32"]) == 1  # the GPU kernels: bf16 / fp16
