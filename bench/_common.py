@@ -6,8 +6,8 @@
 
 Timing     median_ms: the median of triton.testing.do_bench, which flushes L2 before every call (so each
            call reads its inputs from HBM); forward_ms / grad_ms add the warm-up call (autotuning,
-           torch.compile) first. CPU fallback (bench_generate.py): best_wall_s, the best synchronised
-           wall time of a few calls.
+           torch.compile) first. CPU fallback (bench_generate.py): wall_s, the synchronised wall time
+           of one call, and best_wall_s, the best of a few calls.
 Ceiling    copy_gbs: a device-to-device copy, bytes read + written / median time, in GB/s (per_second
            and gbs are the arithmetic: amount / seconds / unit).
 Peers      every peer runs in this one process on the same inputs; guarded() turns a failing peer
@@ -86,20 +86,22 @@ def grad_ms(outputs, inputs, grads) -> float:
     return median_ms(grad)
 
 
+def wall_s(fn, device) -> float:
+    """Wall seconds of one call of fn, synchronised on CUDA (queued work before it finished first)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
 def best_wall_s(fn, device, repeats: int) -> float:
     """CPU-safe timing: the best wall time of `repeats` calls of fn (synchronised), after a warm-up call."""
-    def sync():
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+    wall_s(fn, device)
+    return min(wall_s(fn, device) for _ in range(repeats))
 
 
 def per_second(amount: float, ms: float, unit: float = 1e9) -> float:

@@ -1,17 +1,66 @@
-"""End-to-end greedy generation: bloom vs transformers' BloomForCausalLM, same random weights, one process.
+"""End-to-end greedy generation: bloom vs transformers' BloomForCausalLM (and CTranslate2, the CPU
+reference engine), on the same random weights, in one process.
 
-    python bench/bench_generate.py                       # bloom-560m-like shape, CPU, batch 1 and 8
-    python bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m
+    python bench/bench_generate.py                                  # bloom-560m shape, CPU fp32, batch 1 and 8
+    python bench/bench_generate.py --preset tiny small --int8       # + our int8 model and CTranslate2 int8
+    python bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m bloom-7b1
 
-Prints tokens/s (generated tokens of all rows / wall time of generate, prompt included) for both
-models and the ratio. Both decode greedily with the same prompt, the same number of new tokens (eos
-disabled), and a warm-up call first. The outputs are checked to be identical before timing.
+Engines (each one that cannot run is skipped with a printed note):
+  bloom          bloom.BloomForCausalLM.generate(decode=--decode), eos disabled (eos_token_id=[])
+  bloom int8     (--int8) the same weights through bloom.quantize_int8: weight-only int8, per output
+                 channel, lm_head included; the row "bloom" (fp32 or --dtype) stays for the int8/fp ratio
+  transformers   transformers.BloomForCausalLM holding the same state dict, greedy, min_new_tokens =
+                 max_new_tokens (--no-transformers)
+  ct2, ct2 int8  CTranslate2's Generator on the CPU (--no-ctranslate2; skipped on CUDA and when
+                 `ctranslate2` is not importable): transformers' model converted once (float32), loaded
+                 with compute_type = --dtype (and "int8" with --int8), intra_threads = torch's threads,
+                 end_token=[] and min_length = max_length, so it never stops early
+Every engine gets the same prompt (random ids, all rows --prompt-len long, no padding) and makes the
+same --new-tokens tokens per row.
+
+Measured per batch size, the engines interleaved within each repeat (bloom, transformers, ct2, bloom,
+transformers, ct2, ...: on a noisy CPU each sees the same disturbances), after one untimed call each:
+  prefill      wall time of generating ONE token (generate with max_new_tokens=1: the prompt's forward
+               and the first token's pick), best and median over --repeats
+  decode       tok/s = batch * (new_tokens - 1) / (T_generate - T_prefill): the tokens after the first
+               over the time they added; "best" from the best times, "median" from the median times
+  memory       peak memory of one (timed) generate: on CUDA torch.cuda.max_memory_allocated after
+               reset_peak_memory_stats, on the CPU the process peak RSS (VmHWM of /proc/self/status,
+               reset by writing "5" to /proc/self/clear_refs; "n/a" where that is not allowed). The
+               peak is of the whole process (every engine's weights are resident); "+" is its rise
+               over the memory held just before the call (the run's own activations, cache, workspace)
+  ceiling      the weight-bandwidth bound of a decode step: bytes read per step = the weights (every
+               parameter and buffer once; an embedding table only when it is also the lm_head: a lookup
+               reads B rows) + the KV cache at the mean length (2 * layers * batch * (prompt + new/2) *
+               hidden * element size), over the bandwidth measured in this process (CUDA: a device copy,
+               bytes read + written; CPU: the faster of a 256 MiB copy, bytes read + written, and a 256
+               MiB sum, bytes read), as max tok/s for that batch = batch * bandwidth / bytes. The fp
+               engines share the fp weights' ceiling and the int8 engines the int8 model's.
+Before timing, the greedy outputs are compared: bloom vs transformers must be identical ("(outputs
+differ!)" otherwise); CTranslate2 (and bloom int8) report agreement, the mean over rows of the common
+prefix of their new tokens with the fp reference's (transformers', else bloom's), as a fraction.
+
+Results: per preset <out>/generate-<preset>-<device>-<dtype>[-int8].json (every number above),
+.._decode.csv / _prefill.csv tables and their png plots (bench/_common.py), and results.html.
+
+Goals (CPU, bloom-560m; printed for any preset): bloom decode >= 1.3x transformers at batch 1 and at
+batch 8; with --int8, bloom int8 at batch 1 >= 1.8x bloom fp32 and >= CTranslate2 int8. (GPU, bf16):
+bloom-560m batch-1 decode >= 20x transformers and batch-16 >= 5x; bloom-7b1 batch-1 decode >= 80% of
+the weight-bandwidth ceiling; prefill at batch 8, prompt 512 <= 0.65x transformers' time: that extra
+timing (ours and transformers, generate with max_new_tokens=1) runs by default on CUDA
+(--prefill-check / --no-prefill-check).
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
+import math
 import os
+import statistics
 import sys
+import tempfile
 
 import torch
 
@@ -20,68 +69,498 @@ import _common as common  # noqa: E402
 
 PRESETS = {
     # hidden, layers, heads, vocab
-    "bloom-560m": (1024, 24, 16, 250880),
-    "small": (512, 8, 8, 250880),
     "tiny": (128, 2, 4, 1000),
+    "small": (512, 6, 8, 8000),
+    "bloom-560m": (1024, 24, 16, 250880),
+    "bloom-7b1": (4096, 30, 32, 250880),
 }
+SKIPS = {"transformers": ("transformers", "transformers' BloomForCausalLM"),
+         "ct2": ("ctranslate2", "CTranslate2 (the CPU reference engine)")}
+PREFILL_CHECK = (8, 512)  # batch, prompt length of the GPU prefill goal
+CT2_COMPUTE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def build_models(preset: str, device, dtype):
-    import transformers
+def parse_args(argv=None):
+    parser = common.parser(__doc__, dtype=None, skips=SKIPS)
+    parser.add_argument("--preset", nargs="+", choices=list(PRESETS), default=["bloom-560m"])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 1 8 on the CPU, 1 16 on CUDA)")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32, help="tokens made per row (>= 2)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="also our weight-only int8 model (and CTranslate2 int8)")
+    parser.add_argument("--decode", choices=["auto", "eager", "compile", "cuda_graph"], default="auto",
+                        help="bloom's generate(decode=...)")
+    parser.add_argument("--prefill-check", action=argparse.BooleanOptionalAction, default=None,
+                        help=f"time the prefill at batch {PREFILL_CHECK[0]}, prompt {PREFILL_CHECK[1]} "
+                             "(bloom vs transformers; default: on CUDA only)")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.batch = args.batch or ([1, 16] if cuda else [1, 8])
+    args.prefill_check = cuda if args.prefill_check is None else args.prefill_check
+    if args.new_tokens < 2:
+        parser.error("--new-tokens must be >= 2 (decode time = generate(new) - generate(1))")
+    if min(args.batch) < 1 or args.prompt_len < 1 or args.repeats < 1:
+        parser.error("--batch, --prompt-len and --repeats must be >= 1")
+    return args
 
-    from bloom import BloomConfig, BloomForCausalLM
 
-    hidden, layers, heads, vocab = PRESETS[preset]
+# ---------------------------------------------------------------------------------------------- engines
+
+class Engine:
+    """One way to generate: run(ids, n) -> the n new tokens (B, n) on the CPU; `weights`: bytes read per
+    decode step for the weights; `kind`: "fp" or "int8" (which ceiling); `kv_size`: KV element bytes."""
+
+    def __init__(self, name: str, run, weights: int, kind: str, kv_size: int):
+        self.name, self.run, self.weights, self.kind, self.kv_size = name, run, weights, kind, kv_size
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads for the weights: every parameter and buffer once (tied ones once), but
+    an input embedding table only when it is also the lm_head (a lookup reads B rows, not the table)."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    embedding = model.get_input_embeddings().weight
+    if getattr(model.get_output_embeddings(), "weight", None) is not embedding:
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
+def torch_engines(args, device, dtype, notes: list[str]):
+    """[bloom, bloom int8?, transformers?] on the same random weights, and transformers' model (for
+    CTranslate2's conversion) or None."""
+    from bloom import BloomConfig, BloomForCausalLM, quantize_int8
+
+    hidden, layers, heads, vocab = PRESETS[args.preset_name]
     cfg = dict(hidden_size=hidden, n_layer=layers, n_head=heads, vocab_size=vocab)
     torch.manual_seed(0)
-    theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**cfg)).eval()
-    ours = BloomForCausalLM(BloomConfig(**cfg)).eval()
-    ours.load_state_dict(theirs.state_dict())
-    return ours.to(device, dtype), theirs.to(device, dtype)
+    try:
+        import transformers
+    except ImportError:
+        transformers = None
+        notes.append("transformers is not importable: no transformers row, no CTranslate2 (it converts "
+                     "transformers' model); bloom keeps its own random init")
+    theirs = None
+    with torch.device(device):  # built where it runs: bloom-7b1 in fp32 on the host is 28 GB
+        if transformers is not None:
+            theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**cfg)).to(dtype).eval()
+        ours = BloomForCausalLM(BloomConfig(**cfg)).to(dtype).eval()
+    if theirs is not None:
+        ours.load_state_dict(theirs.state_dict())
+    kv = dtype.itemsize
+
+    def bloom_run(model):
+        def run(ids, n):
+            out = model.generate(ids, torch.ones_like(ids), max_new_tokens=n, eos_token_id=[], decode=args.decode)
+            return out[:, ids.shape[1]:].cpu()
+        return run
+
+    engines = [Engine("bloom", bloom_run(ours), weight_bytes(ours), "fp", kv)]
+    if args.int8:
+        ours8 = quantize_int8(copy.deepcopy(ours))
+        engines.append(Engine("bloom int8", bloom_run(ours8), weight_bytes(ours8), "int8", kv))
+    if theirs is not None and not args.no_transformers:
+        def theirs_run(ids, n):
+            out = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                                  min_new_tokens=n, pad_token_id=0)
+            return out[:, ids.shape[1]:].cpu()
+        engines.append(Engine("transformers", theirs_run, weight_bytes(theirs), "fp", kv))
+    return engines, theirs
 
 
-def main(argv=None) -> None:
-    parser = common.parser(__doc__, dtype="fp32", out=False)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="bloom-560m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args(argv)
+def ct2_engines(args, theirs, engines, workdir: str, notes: list[str]) -> list[Engine]:
+    """CTranslate2 Generators of transformers' model (float32 conversion, loaded at --dtype and, with
+    --int8, at "int8"); [] with a note where CTranslate2 cannot run."""
+    if args.no_ctranslate2:
+        return []
+    if args.device != "cpu":
+        notes.append("CTranslate2 is the CPU reference engine: skipped on CUDA")
+        return []
+    if theirs is None:
+        return []
+    try:
+        import ctranslate2
+        from ctranslate2.converters import TransformersConverter
+    except ImportError:
+        notes.append("ctranslate2 is not importable: no CTranslate2 rows (pip install ctranslate2)")
+        return []
+    vocab = theirs.config.vocab_size
+
+    class Vocabulary:  # what the converter reads of a tokenizer: token i is "<i>"
+        bos_token, eos_token, unk_token = "<1>", "<2>", "<0>"
+
+        @staticmethod
+        def get_vocab():
+            return {f"<{i}>": i for i in range(vocab)}
+
+    class Converter(TransformersConverter):  # the model in memory: no checkpoint written, no tokenizer
+        def load_model(self, model_class, model_name_or_path, **kwargs):
+            # a copy: the converter may quantise the tensors it is given in place
+            return copy.deepcopy(theirs).float()
+
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return Vocabulary()
+
+    theirs.config.save_pretrained(workdir)  # AutoConfig reads the architecture from here
+    model_dir = Converter(workdir).convert(os.path.join(workdir, "ct2"), quantization="float32")
+    supported = ctranslate2.get_supported_compute_types("cpu")
+    fp = {e.kind: e for e in engines if e.name.startswith("bloom")}
+    wanted = [("ct2", CT2_COMPUTE[args.dtype], "fp")] + ([("ct2 int8", "int8", "int8")] if args.int8 else [])
+    result = []
+    for name, compute_type, kind in wanted:
+        if compute_type not in supported:
+            notes.append(f"CTranslate2 on this CPU lacks compute_type {compute_type} (has {sorted(supported)}): "
+                         f"no {name} row")
+            continue
+        generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type, inter_threads=1,
+                                          intra_threads=torch.get_num_threads())
+
+        def run(ids, n, generator=generator):
+            tokens = [[f"<{i}>" for i in row] for row in ids.tolist()]
+            results = generator.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1, end_token=[],
+                                               include_prompt_in_result=False)
+            return torch.tensor([r.sequences_ids[0] for r in results])
+
+        # bytes as our model of the same kind (CTranslate2 int8 also keeps fp32 scales, as ours)
+        result.append(Engine(name, run, fp[kind].weights, kind, 4 if compute_type == "int8" else fp[kind].kv_size))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- measures
+
+class Memory:
+    """Peak memory of one call: (peak bytes, rise over the bytes held before) or (None, None)."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.rss_resettable = False
+        if not self.cuda:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.rss_resettable = self._status("VmHWM") is not None
+            except OSError:
+                pass
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def measure(self, fn):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            return peak, peak - before
+        if not self.rss_resettable:
+            fn()
+            return None, None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = self._status("VmRSS")
+        fn()
+        peak = self._status("VmHWM")
+        return peak, peak - before
+
+
+def bandwidth_gbs(device) -> tuple[float, str]:
+    """The memory bandwidth a decode step can stream weights at, measured now, and how."""
+    if device.type == "cuda":
+        return common.copy_ceiling_gbs(), "device copy of 512 MiB, bytes read + written"
+    nbytes = 1 << 28
+    x = torch.ones(nbytes // 4)
+    out = torch.empty_like(x)
+    copy_gbs = 2 * nbytes / common.best_wall_s(lambda: out.copy_(x), device, 3) / 1e9
+    sum_gbs = nbytes / common.best_wall_s(x.sum, device, 3) / 1e9
+    return max(copy_gbs, sum_gbs), (f"max of a 256 MiB copy ({copy_gbs:.1f} GB/s, read + written) and a 256 MiB "
+                                    f"sum ({sum_gbs:.1f} GB/s, read)")
+
+
+def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over rows of the common prefix of two (B, n) token tensors, as a fraction of n."""
+    same = (tokens == reference).int().cumprod(dim=1)
+    return same.sum().item() / reference.numel()
+
+
+def spread(times: list[float]) -> dict:
+    return {"best": min(times), "median": statistics.median(times), "all": times}
+
+
+def measure_batch(engines, args, device, vocab: int, batch: int, prompt_len: int, new_tokens: int, memory: Memory,
+                  bandwidth: float):
+    """One batch size: outputs compared, then every engine timed (interleaved) -> the JSON row."""
+    ids = torch.randint(4, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
+    outputs, live = {}, []
+    for e in engines:  # untimed: the outputs, and every engine's warm-up (compile, capture) at both lengths
+        def first(e=e):
+            outputs[e.name] = e.run(ids, new_tokens)
+            e.run(ids, 1)
+            return 0.0
+        if not math.isnan(common.guarded(f"{e.name} batch {batch}", first)):
+            live.append(e)
+    reference = outputs.get("transformers", outputs.get("bloom"))
+    row = {"batch": batch, "engines": {}}
+    if "transformers" in outputs and "bloom" in outputs:
+        row["outputs_identical"] = bool(torch.equal(outputs["bloom"], outputs["transformers"]))
+    times = {e.name: {"prefill": [], "generate": []} for e in live}
+    peaks = {}
+    for r in range(args.repeats):
+        for e in list(live):
+            def prefill(e=e):
+                return common.wall_s(lambda: e.run(ids, 1), device)
+
+            def generate(e=e):
+                if r > 0:
+                    return common.wall_s(lambda: e.run(ids, new_tokens), device)
+                timed = []  # the first timed generate also gives the memory (reset and read outside the timing)
+                peaks[e.name] = memory.measure(lambda: timed.append(common.wall_s(lambda: e.run(ids, new_tokens),
+                                                                                   device)))
+                return timed[0]
+            t_prefill = common.guarded(f"{e.name} batch {batch} prefill", prefill)
+            t_generate = common.guarded(f"{e.name} batch {batch} generate", generate)
+            if math.isnan(t_prefill) or math.isnan(t_generate):
+                live.remove(e)
+                times.pop(e.name)
+                continue
+            times[e.name]["prefill"].append(t_prefill)
+            times[e.name]["generate"].append(t_generate)
+    mean_len = prompt_len + new_tokens / 2
+    for e in live:
+        pre, gen = spread(times[e.name]["prefill"]), spread(times[e.name]["generate"])
+        steps = batch * (new_tokens - 1)
+
+        def rate(t_gen, t_pre):
+            return steps / (t_gen - t_pre) if t_gen > t_pre else float("nan")
+        kv = 2 * PRESETS[args.preset_name][1] * batch * mean_len * PRESETS[args.preset_name][0] * e.kv_size
+        ceiling = batch * bandwidth * 1e9 / (e.weights + kv)
+        decode = {"best": rate(gen["best"], pre["best"]), "median": rate(gen["median"], pre["median"]),
+                  "per_repeat": [rate(g, p) for g, p in zip(gen["all"], pre["all"])]}
+        peak, rise = peaks.get(e.name, (None, None))
+        row["engines"][e.name] = {
+            "prefill_s": pre, "generate_s": gen, "decode_tok_s": decode,
+            "bytes_per_step": e.weights + kv, "weight_bytes": e.weights, "kv_bytes": kv,
+            "ceiling_tok_s": ceiling, "fraction_of_ceiling": decode["best"] / ceiling,
+            "peak_memory_bytes": peak, "memory_rise_bytes": rise,
+        }
+        if reference is not None and e.name not in ("bloom", "transformers") and e.name in outputs:
+            row["engines"][e.name]["agreement"] = agreement(outputs[e.name], reference)
+    row["ratios"] = ratios(row["engines"])
+    return row
+
+
+RATIOS = [("bloom", "transformers"), ("bloom", "ct2"), ("bloom int8", "bloom"), ("bloom int8", "ct2 int8"),
+          ("bloom int8", "transformers")]
+
+
+def ratios(engines: dict) -> dict:
+    """Speed-ups (> 1: the first is faster) of the pairs measured, e.g. "bloom/transformers": decode as
+    the ratio of the best tok/s, prefill as the inverse ratio of the best times."""
+    pairs = [(a, b) for a, b in RATIOS if a in engines and b in engines]
+    return {"decode": {f"{a}/{b}": engines[a]["decode_tok_s"]["best"] / engines[b]["decode_tok_s"]["best"]
+                       for a, b in pairs},
+            "prefill": {f"{a}/{b}": engines[b]["prefill_s"]["best"] / engines[a]["prefill_s"]["best"]
+                        for a, b in pairs}}
+
+
+def prefill_check(engines, args, device, vocab: int) -> dict | None:
+    """bloom's and transformers' prefill (generate with max_new_tokens=1) at PREFILL_CHECK, interleaved."""
+    by_name = {e.name: e for e in engines if e.name in ("bloom", "transformers")}
+    if len(by_name) < 2:
+        return None
+    batch, prompt_len = PREFILL_CHECK
+    ids = torch.randint(4, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
+    times = {name: [] for name in by_name}
+    for e in by_name.values():
+        e.run(ids, 1)
+    for _ in range(args.repeats):
+        for name, e in by_name.items():
+            times[name].append(common.wall_s(lambda: e.run(ids, 1), device))
+    result = {name: spread(t) for name, t in times.items()}
+    result.update(batch=batch, prompt_len=prompt_len,
+                  ratio=result["bloom"]["best"] / result["transformers"]["best"])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def show(value, fmt: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def print_batch(row: dict) -> None:
+    notes = []
+    if "outputs_identical" in row:
+        notes.append("outputs identical to transformers" if row["outputs_identical"] else "(outputs differ!)")
+    notes += [f"{name}: {100 * e['agreement']:.0f}% of tokens agree" for name, e in row["engines"].items()
+              if "agreement" in e]
+    print(f"\nbatch {row['batch']}" + (f"  ({'; '.join(notes)})" if notes else ""))
+    head = (f"{'engine':>12} | {'prefill ms best/med':>19} | {'decode tok/s best/med':>21} | {'ceiling tok/s':>13} | "
+            f"{'% ceil':>6} | {'peak MiB (+run)':>17}")
+    print(head)
+    print("-" * len(head))
+    mib = 2**20
+    for name, e in row["engines"].items():
+        pre, dec = e["prefill_s"], e["decode_tok_s"]
+        peak, rise = e["peak_memory_bytes"], e["memory_rise_bytes"]
+        memory = "n/a" if peak is None else f"{peak / mib:.0f} ({rise / mib:+.1f})"
+        print(f"{name:>12} | {1e3 * pre['best']:>9.2f}/{1e3 * pre['median']:<9.2f} | "
+              f"{show(dec['best'], '10.1f')}/{show(dec['median'], '<10.1f')} | {e['ceiling_tok_s']:>13.1f} | "
+              f"{show(100 * e['fraction_of_ceiling'], '5.1f')}% | {memory:>17}")
+    for metric, found in row["ratios"].items():
+        if found:
+            print(f"{metric} speed-up: " + ", ".join(f"{k} {show(v, '.2f')}x" for k, v in found.items()))
+
+
+def goals(result: dict, args) -> tuple[list[str], list[str]]:
+    """(goals checked, misses): CPU or GPU goals of the docstring, on the batches measured."""
+    rows = {row["batch"]: row for row in result["batches"]}
+    checked, misses = [], []
+
+    def check(text: str, value, goal: float, at_most=False):
+        if value is None or math.isnan(value):
+            checked.append(f"{text}: not measured")
+            return
+        ok = value <= goal if at_most else value >= goal
+        checked.append(f"{text}: {value:.2f} (goal {'<=' if at_most else '>='} {goal:g}) {'met' if ok else 'MISSED'}")
+        if not ok:
+            misses.append(f"{result['preset']} {text}: {value:.2f} (goal {'<=' if at_most else '>='} {goal:g})")
+
+    def ratio(batch, key):
+        return rows[batch]["ratios"]["decode"].get(key) if batch in rows else None
+
+    if args.device == "cpu":
+        for batch in (1, 8):
+            if batch in rows:
+                check(f"batch {batch} decode bloom/transformers", ratio(batch, "bloom/transformers"), 1.3)
+        if args.int8 and 1 in rows:
+            check("batch 1 decode bloom int8/bloom", ratio(1, "bloom int8/bloom"), 1.8)
+            check("batch 1 decode bloom int8/ct2 int8", ratio(1, "bloom int8/ct2 int8"), 1.0)
+    else:
+        if result["preset"] == "bloom-560m":
+            for batch, goal in ((1, 20.0), (16, 5.0)):
+                if batch in rows:
+                    check(f"batch {batch} decode bloom/transformers", ratio(batch, "bloom/transformers"), goal)
+        if result["preset"] == "bloom-7b1" and 1 in rows and "bloom" in rows[1]["engines"]:
+            check("batch 1 decode, fraction of the bandwidth ceiling",
+                  rows[1]["engines"]["bloom"]["fraction_of_ceiling"], 0.8)
+        if result["prefill_check"]:
+            check(f"prefill B{PREFILL_CHECK[0]} S{PREFILL_CHECK[1]} time bloom/transformers",
+                  result["prefill_check"]["ratio"], 0.65, at_most=True)
+    return checked, misses
+
+
+def jsonable(value):
+    """NaN -> None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def write_results(result: dict, out: str, name: str) -> None:
+    """<out>/<name>.json, and the decode tok/s and prefill ms tables (csv, png) of bench/_common.py."""
+    with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
+        json.dump(jsonable(result), f, indent=2)
+    names = list(dict.fromkeys(n for row in result["batches"] for n in row["engines"]))
+    for metric, unit, pick in (("decode", "tok/s", lambda e: e["decode_tok_s"]["best"]),
+                               ("prefill", "ms", lambda e: 1e3 * e["prefill_s"]["best"])):
+        table = common.Table(f"{name}_{metric}", "batch", names, unit)
+        for row in result["batches"]:
+            table.add(row["batch"], [pick(row["engines"][n]) if n in row["engines"] else float("nan") for n in names])
+        table.write_csv(os.path.join(out, f"{table.name}.csv"))
+        common.plot(table, out, "batch", x_log=True)
+    common.write_html(out)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+def versions() -> dict:
+    found = {"torch": torch.__version__}
+    for name in ("transformers", "ctranslate2"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def run_preset(args, device, dtype, bandwidth: float, how: str, memory: Memory) -> dict:
+    notes: list[str] = []
+    hidden, layers, heads, vocab = PRESETS[args.preset_name]
+    with tempfile.TemporaryDirectory() as workdir:
+        engines, theirs = torch_engines(args, device, dtype, notes)
+        engines += ct2_engines(args, theirs, engines, workdir, notes)
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"\n== {args.preset_name} (hidden {hidden}, layers {layers}, heads {heads}, vocab {vocab}), {args.dtype} "
+              f"on {name}, {torch.get_num_threads()} threads; prompt {args.prompt_len}, {args.new_tokens} new "
+              f"tokens, best of {args.repeats}; decode = {args.decode} ==")
+        print(f"bandwidth {bandwidth:.1f} GB/s ({how}); prefill = generate with max_new_tokens=1; decode tok/s = "
+              "batch * (new - 1) / (T_generate - T_prefill)")
+        for note in notes:
+            print(f"note: {note}")
+        result = {
+            "preset": args.preset_name, "config": dict(hidden=hidden, layers=layers, heads=heads, vocab=vocab),
+            "device": args.device, "device_name": name, "dtype": args.dtype, "threads": torch.get_num_threads(),
+            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "decode": args.decode, "int8": args.int8, "versions": versions(), "bandwidth_gbs": bandwidth,
+            "bandwidth_method": how, "prefill_method": "generate with max_new_tokens=1",
+            "engines": [e.name for e in engines], "notes": notes, "batches": [], "prefill_check": None,
+        }
+        with torch.inference_mode():
+            for batch in args.batch:
+                row = measure_batch(engines, args, device, vocab, batch, args.prompt_len, args.new_tokens, memory,
+                                    bandwidth)
+                print_batch(row)
+                result["batches"].append(row)
+            if args.prefill_check:
+                check = common.guarded("prefill check", lambda: prefill_check(engines, args, device, vocab))
+                result["prefill_check"] = check = None if isinstance(check, float) else check
+                if check:
+                    print(f"\nprefill B{check['batch']} S{check['prompt_len']}: bloom {1e3 * check['bloom']['best']:.1f} "
+                          f"ms, transformers {1e3 * check['transformers']['best']:.1f} ms: {check['ratio']:.2f}x "
+                          "transformers' time")
+    checked, misses = goals(result, args)
+    result["goals"], result["misses"] = checked, misses
+    print("\ngoals checked:\n  " + ("\n  ".join(checked) if checked else "none for these batches"))
+    common.report_goals(f"{args.preset_name}, {args.device}, {args.dtype}", misses)
+    return result
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     device, dtype = torch.device(args.device), common.DTYPES[args.dtype]
-    with torch.inference_mode():
-        run(args, device, dtype)
-
-
-def run(args, device, dtype) -> None:
-
-    ours, theirs = build_models(args.preset, device, dtype)
-    vocab = ours.config.vocab_size
-    print(f"preset {args.preset} {PRESETS[args.preset]} (hidden, layers, heads, vocab), {args.dtype} on "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, "
-          f"{torch.get_num_threads()} threads, prompt {args.prompt_len}, {args.new_tokens} new tokens")
-    print(f"{'batch':>5} | {'bloom tok/s':>12} | {'transformers tok/s':>18} | {'ratio':>6}")
-    for batch in args.batch:
-        ids = torch.randint(4, vocab, (batch, args.prompt_len), generator=torch.Generator().manual_seed(1))
-        ids = ids.to(device)
-        mask = torch.ones_like(ids)
-        kw = dict(max_new_tokens=args.new_tokens)
-
-        def run_ours():
-            return ours.generate(ids, mask, eos_token_id=[], **kw)
-
-        def run_theirs():
-            return theirs.generate(ids, attention_mask=mask, do_sample=False, min_new_tokens=args.new_tokens,
-                                   pad_token_id=0, **kw)
-
-        same = torch.equal(run_ours().cpu(), run_theirs().cpu())
-        t_ours = common.best_wall_s(run_ours, device, args.repeats)
-        t_theirs = common.best_wall_s(run_theirs, device, args.repeats)
-        tokens = batch * args.new_tokens
-        print(f"{batch:>5} | {tokens / t_ours:>12.1f} | {tokens / t_theirs:>18.1f} | "
-              f"{t_theirs / t_ours:>5.2f}x" + ("" if same else "  (outputs differ!)"))
+    if device.type == "cuda" and not common.start(args, "bench_generate.py --device cuda", "the GPU model"):
+        return 1
+    os.makedirs(args.out, exist_ok=True)
+    bandwidth, how = bandwidth_gbs(device)
+    memory = Memory(device)
+    for preset in args.preset:
+        args.preset_name = preset
+        result = run_preset(args, device, dtype, bandwidth, how, memory)
+        name = f"generate-{preset}-{args.device}-{args.dtype}" + ("-int8" if args.int8 else "")
+        write_results(result, args.out, name)
+        print(f"results: {os.path.join(args.out, name)}.json (+ _decode/_prefill csv and png)")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

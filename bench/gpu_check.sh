@@ -9,12 +9,13 @@
 #  2. the GPU tests (pytest -m gpu: bf16/fp16 at BLOOM sizes, torch.compile, CUDA graphs)
 #  3. pre-tune bloom-560m (python -m bloom_kernels.tune), then once more: the second run must find
 #     every key in the disk caches (its table says "0 keys tuned")
-#  4. every benchmark (each kernel against its peers, then end-to-end generation)
+#  4. every benchmark (each kernel against its peers, then end-to-end generation: bloom-560m and
+#     bloom-7b1, bf16, against transformers, with the prefill check at batch 8, prompt 512)
 # (The ahead-of-time sm_80/sm_90 compile check needs no GPU: CI runs it, device time is not spent on it.)
 #
-# $OUT holds env.txt (GPU, versions), one log per step, gpu_tests.xml (junit),
-# bench_<op>/ (csv tables, png plots, results.html) and summary.txt: each step, its exit status, its
-# seconds and its log. The script exits 1 if any step failed (the later steps still run).
+# $OUT holds env.txt (GPU, versions), one log per step, gpu_tests.xml (junit), bench_<op>/ (csv
+# tables, png plots, results.html; bench_generate/ also a json per preset) and summary.txt: each step,
+# its exit status, its seconds and its log. The script exits 1 if any step failed (the later steps still run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=${PYTHONPATH:-.}
@@ -86,8 +87,10 @@ for op in bias_gelu layer_norm attention int8_linear; do
     mkdir -p "$OUT/bench_$op"
     step "bench-$op" "bench_$op.txt" "$PYTHON" "bench/bench_$op.py" --out "$OUT/bench_$op"
 done
+mkdir -p "$OUT/bench_generate"
 step bench-generate bench_generate.txt \
-    "$PYTHON" bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m
+    "$PYTHON" bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m bloom-7b1 \
+    --out "$OUT/bench_generate"
 
 echo
 cat "$SUMMARY"

@@ -4,6 +4,7 @@ Their numbers are measured on a GPU (bench/gpu_check.sh); here only what runs on
 """
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -36,12 +37,66 @@ def test_kernel_bench_help_names_its_options(name, capsys):
     assert "--out" in capsys.readouterr().out
 
 
-def test_generate_bench_runs_end_to_end_on_cpu(capsys):
-    load("bench_generate").main(["--preset", "tiny", "--batch", "1", "2", "--prompt-len", "5",
-                                 "--new-tokens", "3", "--repeats", "1"])
+def test_generate_bench_help_names_its_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        load("bench_generate").main(["--help"])
+    assert info.value.code == 0
     out = capsys.readouterr().out
-    assert "tok/s" in out and "ratio" in out and "outputs differ" not in out
-    assert len([line for line in out.splitlines() if line.strip().startswith(("1 |", "2 |"))]) == 2
+    for option in ("--out", "--preset", "--int8", "--decode", "--no-transformers", "--no-ctranslate2"):
+        assert option in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_generate_bench_on_cuda_says_it_needs_a_gpu(tmp_path, capsys):
+    assert load("bench_generate").main(["--device", "cuda", "--preset", "tiny", "--out", str(tmp_path)]) == 1
+    assert "CUDA" in capsys.readouterr().err
+
+
+def _finite_positive(value):
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["fp32", "int8"])
+def test_generate_bench_runs_end_to_end_on_cpu(int8, tmp_path, capsys):
+    """The tiny preset, batch 1 and 2: the JSON holds every engine's numbers, bloom's outputs equal
+    transformers', and CTranslate2's rows (fp32, and int8 with --int8) are there when it is installed."""
+    pytest.importorskip("transformers")
+    has_ct2 = importlib.util.find_spec("ctranslate2") is not None
+    argv = ["--preset", "tiny", "--batch", "1", "2", "--prompt-len", "8", "--new-tokens", "16", "--repeats", "3",
+            "--out", str(tmp_path)] + (["--int8"] if int8 else [])
+    assert load("bench_generate").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tok/s" in out and "speed-up" in out and "goals" in out and "outputs differ" not in out
+
+    name = "generate-tiny-cpu-fp32" + ("-int8" if int8 else "")
+    result = json.loads((tmp_path / f"{name}.json").read_text())
+    engines = ["bloom"] + (["bloom int8"] if int8 else []) + ["transformers"]
+    engines += (["ct2"] + (["ct2 int8"] if int8 else [])) if has_ct2 else []
+    assert result["preset"] == "tiny" and result["engines"] == engines
+    assert _finite_positive(result["bandwidth_gbs"])
+    assert [row["batch"] for row in result["batches"]] == [1, 2]
+    for row in result["batches"]:
+        assert row["outputs_identical"] is True
+        assert list(row["engines"]) == engines
+        for engine, e in row["engines"].items():
+            for key in ("prefill_s", "generate_s", "decode_tok_s"):
+                assert _finite_positive(e[key]["best"]) and _finite_positive(e[key]["median"]), (engine, key)
+            for key in ("bytes_per_step", "weight_bytes", "kv_bytes", "ceiling_tok_s", "fraction_of_ceiling"):
+                assert _finite_positive(e[key]), (engine, key)
+            assert e["peak_memory_bytes"] is None or _finite_positive(e["peak_memory_bytes"])
+            if engine not in ("bloom", "transformers"):
+                assert 0 <= e["agreement"] <= 1
+        if has_ct2:
+            assert row["engines"]["ct2"]["agreement"] >= 0.5  # fp32 against fp32: the same greedy tokens, but
+            # for a near-tie decided the other way by a different summation order
+        decode = row["ratios"]["decode"]
+        expected = {"bloom/transformers"} | ({"bloom int8/bloom", "bloom int8/transformers"} if int8 else set())
+        expected |= ({"bloom/ct2"} | ({"bloom int8/ct2 int8"} if int8 else set())) if has_ct2 else set()
+        assert set(decode) == set(row["ratios"]["prefill"]) == expected
+        assert all(_finite_positive(v) for v in decode.values())
+    assert isinstance(result["goals"], list) and result["goals"]
+    assert (tmp_path / f"{name}_decode.csv").read_text().startswith("batch,bloom (tok/s)")
+    assert (tmp_path / f"{name}_prefill.csv").exists()
 
 
 # bench/_common.py: what every benchmark shares (its pure parts; timing itself needs a GPU)
