@@ -15,9 +15,9 @@ Picks live in cpu_routes.json under the tuning cache folder (~/.cache/bloom_kern
 $BLOOM_KERNELS_CACHE_DIR), keyed by the machine (CPU model, torch version, threads), the op, the exact
 row count, N, K, dtype and bias; `python -m bloom_kernels.tune --cpu --model bloom-560m` measures a
 model's decode shapes ahead of time (`--remeasure` times them again: a pick timed while the machine
-was busy with something else can be wrong). Nothing is timed while
-torch.compile traces (a known pick, else the default, is traced) or when gradients are needed (the
-reference runs: it is what autograd differentiates).
+was busy with something else can be wrong). Nothing is timed while torch.compile traces or when
+gradients are needed (the reference runs: it is what autograd differentiates). Inside a graph that
+torch.compile traces, decode-sized calls take TRACED_ROUTE (gemv; see there why).
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ DEFAULT_ROUTE = {"linear": "F.linear", "int8_linear": "dequant"}
 MEASURED_MAX_ROWS = 16  # decode; more rows (prefill) take the default, where MKL's GEMM is at its best
 TIMING_ROUNDS = 7       # rounds over all routes, interleaved; each route keeps its best round
 BURST_MS = 2.0          # a round repeats a fast call for at least this long and takes the mean
+
+# The route of every decode-sized call inside a graph torch.compile traces: the multiply-and-sum, which
+# inductor fuses with its neighbours. The eagerly timed picks do not carry over: between inductor's
+# kernels, the extern GEMM calls of F.linear and rowblock ran 2-5x slower than they time alone (small
+# shape, one row, 2 cores: 7.5 ms a step with the eager picks, 4.5 ms with gemv everywhere; rowblock's
+# batched matmul 0.53 ms in the graph vs 0.09 ms eager). A constant: no table lookup, no guard.
+TRACED_ROUTE = "gemv"
 
 # (op, rows, N, K, dtype, bias) -> route name (None: not measured, none on disk), for this process
 _picks: dict[tuple, str | None] = {}
@@ -113,8 +120,8 @@ def route(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple) 
     key = (op, x.numel() // k if k else 0, weight.shape[0], k, x.dtype, bias is not None)
     if not 0 < key[1] <= MEASURED_MAX_ROWS:
         return DEFAULT_ROUTE[op]
-    if torch.compiler.is_compiling():  # traced as a constant: no timing, no guard on the table
-        return _known_pick(*key) or DEFAULT_ROUTE[op]
+    if torch.compiler.is_compiling():
+        return TRACED_ROUTE
     known = _known_pick(*key)
     if known is not None:
         return known
@@ -138,20 +145,13 @@ def measure_and_keep(key: tuple, args: tuple) -> str:
 
 def _known_pick(op: str, rows: int, n: int, k: int, dtype: torch.dtype, has_bias: bool) -> str | None:
     """The pick of this key from memory, else from disk (remembered, None too: the disk is read once
-    per key), else None. Under torch.compile it runs once, at trace time, and its answer is a constant
-    of the graph."""
+    per key), else None."""
     key = (op, rows, n, k, dtype, has_bias)
     if key not in _picks:
         stored = tuning_cache("cpu_routes").get(_disk_key(key))
         ok = isinstance(stored, dict) and stored.get("route") in ROUTES[op]
         _picks[key] = stored["route"] if ok else None
     return _picks[key]
-
-
-# torch.compiler.assume_constant_result(_known_pick), without importing dynamo here (it imports triton
-# and takes a second): that decorator only sets this attribute. tests/test_cpu_routes.py proves the
-# pick is traced as a constant, so a torch that changes the mark fails there, not silently.
-_known_pick._dynamo_marked_constant = True
 
 
 def forget() -> None:

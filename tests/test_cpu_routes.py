@@ -149,33 +149,32 @@ def test_gradients_take_the_reference_untimed(routes, tmp_path):
     assert not (tmp_path / "bk" / "cpu_routes.json").exists()
 
 
-def test_compiled_graph_traces_the_known_pick_as_a_constant(routes, monkeypatch, tmp_path):
-    """Under torch.compile nothing is timed: a known pick is traced (gemv here, as plain ops), an
-    unknown one traces the default; later picks do not recompile the graph."""
-    monkeypatch.setitem(COSTS, "gemv", 0.5)
+def test_compiled_graph_takes_the_traced_route_untimed(routes, monkeypatch, tmp_path):
+    """Under torch.compile nothing is timed and every decode-sized call traces TRACED_ROUTE (gemv, as
+    plain ops the graph fuses), whatever the eager pick (rowblock here) or none; prefill-sized calls
+    trace F.linear. Picks made later do not recompile the graph."""
     x, w, b = _linear_inputs()
     with torch.inference_mode():
-        bloom_kernels.linear(x, w, b)  # eager: measures, picks gemv
-    assert cpu_routes._picks[("linear", 1, 300, 64, torch.float32, True)] == "gemv"
+        bloom_kernels.linear(x, w, b)  # eager: measured, rowblock
+    assert cpu_routes._picks[("linear", 1, 300, 64, torch.float32, True)] == "rowblock"
     # the real routes from here on: the recording ones append to a list, which dynamo would guard on
     monkeypatch.setitem(cpu_routes.ROUTES, "linear", cpu.LINEAR_ROUTES)
 
     backend = torch._dynamo.testing.EagerAndRecordGraphs()
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
-    x2, w2, b2 = _linear_inputs(rows=2, n=300)  # never measured: the default
+    x2 = _linear_inputs(rows=2)[0]  # never measured
+    x_many = _linear_inputs(rows=cpu_routes.MEASURED_MAX_ROWS + 1)[0]
 
-    def two_linears(x, x2):
-        return bloom_kernels.linear(x, w, b), bloom_kernels.linear(x2, w2, b2)
+    def three_linears(x, x2, x_many):
+        return bloom_kernels.linear(x, w, b), bloom_kernels.linear(x2, w, b), bloom_kernels.linear(x_many, w, b)
 
-    compiled = torch.compile(two_linears, fullgraph=True, dynamic=False, backend=counter)
+    compiled = torch.compile(three_linears, fullgraph=True, dynamic=False, backend=counter)
     with torch.inference_mode():
-        y, y2 = compiled(x, x2)
-        torch.testing.assert_close(y, reference.linear(x, w, b), atol=5e-5, rtol=1e-5)
-        torch.testing.assert_close(y2, reference.linear(x2, w2, b2), atol=5e-5, rtol=1e-5)
+        for got, inp in zip(compiled(x, x2, x_many), (x, x2, x_many)):
+            torch.testing.assert_close(got, reference.linear(inp, w, b), atol=5e-5, rtol=1e-5)
         assert len(_disk(tmp_path)) == 1  # nothing timed while tracing
         cpu_routes._picks[("linear", 2, 300, 64, torch.float32, True)] = "rowblock"  # measured later
-        compiled(x, x2)
+        compiled(x, x2, x_many)
     assert counter.frame_count == 1
     code = backend.graphs[0].code
-    assert code.count("linear(") == 1 and ".sum(" in code  # one F.linear (rows 2), one gemv (rows 1)
-
+    assert code.count(".sum(") == 2 and code.count("linear(") == 1 and "bmm" not in code
