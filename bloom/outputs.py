@@ -1,4 +1,4 @@
-"""Model outputs: attribute access like transformers' ModelOutput, plus keys and `to_tuple()`."""
+"""Model outputs that behave like transformers' ModelOutput (see ModelOutput)."""
 
 from __future__ import annotations
 
@@ -9,24 +9,47 @@ from torch import Tensor
 
 
 class ModelOutput:
-    """Dataclass base: `out.logits`, `out["logits"]`, `out[0]` (over the fields that are not None)."""
+    """Dataclass base that behaves like transformers' ModelOutput (an ordered dict of the fields that
+    are not None): `out.logits`, `out["logits"]` (KeyError for a field that is None), `out[0]` and
+    slices over those fields, `len`, `keys()/values()/items()`, `get`, `in`, iteration over the keys
+    (so `a, b = out` unpacks keys, as in transformers), `to_tuple()`; `out["logits"] = t` sets the
+    attribute."""
 
     def to_tuple(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+        return tuple(value for _, value in self.items())
 
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
 
+    def values(self) -> list[Any]:
+        return [getattr(self, name) for name in self.keys()]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(name, getattr(self, name)) for name in self.keys()]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key) if key in self.keys() else default
+
     def __getitem__(self, key: str | int | slice) -> Any:
         if isinstance(key, str):
+            if key not in self.keys():
+                raise KeyError(key)
             return getattr(self, key)
         return self.to_tuple()[key]
 
-    def __contains__(self, key: str) -> bool:
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key not in {f.name for f in fields(self)}:
+            raise KeyError(f"{type(self).__name__} has no field {key!r}")
+        setattr(self, key, value)
+
+    def __contains__(self, key: object) -> bool:
         return key in self.keys()
 
     def __iter__(self):
         return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
 
 
 @dataclass

@@ -342,3 +342,39 @@ def test_block_hands_on_the_residual_stream():
             b = theirs(ids, output_hidden_states=True).hidden_states
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, atol=ATOL, rtol=0)
+
+
+def test_outputs_behave_like_transformers_model_output():
+    """The same user code on transformers' output and ours, same weights: attribute, key and integer
+    access, slices, len, keys/values/items, get, in, iteration and unpacking (keys, as an OrderedDict),
+    to_tuple, setting a key; a None field is absent."""
+    transformers = pytest.importorskip("transformers")
+    from bloom import BloomConfig, BloomForCausalLM
+
+    cfg = dict(vocab_size=64, hidden_size=32, n_layer=2, n_head=4)
+    torch.manual_seed(0)
+    theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**cfg)).eval()
+    ours = BloomForCausalLM(BloomConfig(**cfg)).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=False)
+    ids = torch.randint(0, 64, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        outs = [m(ids, labels=ids, use_cache=False) for m in (theirs, ours)]
+
+    def observe(out):
+        first, second = out  # unpacking: the keys
+        return dict(keys=list(out.keys()), len=len(out), iter=list(out), unpacked=(first, second),
+                    contains=("logits" in out, "past_key_values" in out),
+                    get=out.get("past_key_values", "absent"), tuple_len=len(out.to_tuple()),
+                    values=[v.shape for v in out.values()], items=[k for k, _ in out.items()],
+                    slice=[v.shape for v in out[:2]], first=out[0].shape, logits=out["logits"].shape)
+
+    assert observe(outs[1]) == observe(outs[0])
+    torch.testing.assert_close(outs[1][1], outs[0][1], atol=1e-5, rtol=1e-5)
+    for out in outs:
+        with pytest.raises(KeyError):
+            out["past_key_values"]
+    new = torch.zeros(1)
+    outs[1]["loss"] = new
+    assert outs[1].loss is new and outs[1][0] is new
+    with pytest.raises(KeyError, match="no field 'lost'"):
+        outs[1]["lost"] = new
