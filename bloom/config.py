@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .hub import HubOptions, resolve_file
 
 CONFIG_NAME = "config.json"
@@ -43,6 +45,23 @@ COMMON_DEFAULTS: dict[str, Any] = {
 }
 
 # Other spellings found in transformers and in the bigscience config.json files.
+# dtype names accepted wherever a dtype is given (config, from_pretrained, the CLI)
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+}
+
+
+def parse_dtype(value: Any, name: str = "torch_dtype") -> torch.dtype | str | None:
+    """A torch.dtype from a dtype or its name (None and 'auto' kept); ValueError naming `name`."""
+    if value is None or value == "auto" or isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
+        return DTYPES[value.removeprefix("torch.")]
+    raise ValueError(f"{name} must be None, 'auto', a torch.dtype or one of {sorted(DTYPES)}; got {value!r}")
+
+
 ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"}
 
 
@@ -63,8 +82,12 @@ class BloomConfig:
                 if field in kwargs and kwargs[field] != value:
                     raise ValueError(f"{alias}={value!r} conflicts with {field}={kwargs[field]!r}")
                 kwargs[field] = value
-        if "torch_dtype" in kwargs and kwargs.get("dtype") is None:
-            kwargs["dtype"] = kwargs.pop("torch_dtype")  # transformers 4.x spelling
+        if "torch_dtype" in kwargs:  # transformers 4.x spelling
+            torch_dtype = kwargs.pop("torch_dtype")
+            if kwargs.get("dtype") is None:
+                kwargs["dtype"] = torch_dtype
+            elif parse_dtype(torch_dtype, "torch_dtype") != parse_dtype(kwargs["dtype"], "dtype"):
+                raise ValueError(f"torch_dtype={torch_dtype!r} conflicts with dtype={kwargs['dtype']!r}")
         kwargs.pop("model_type", None)
 
         for name, default in {**BLOOM_DEFAULTS, **COMMON_DEFAULTS}.items():
@@ -111,6 +134,23 @@ class BloomConfig:
         return self.hidden_size // self.n_head
 
     @property
+    def dtype(self) -> torch.dtype | str | None:
+        """The weights' dtype as a torch.dtype (None: not said; 'auto' kept as given); saved by name."""
+        return self._dtype
+
+    @dtype.setter
+    def dtype(self, value: Any) -> None:
+        self._dtype = parse_dtype(value, "BloomConfig.dtype")
+
+    @property
+    def torch_dtype(self) -> torch.dtype | str | None:  # transformers 4.x name
+        return self._dtype
+
+    @torch_dtype.setter
+    def torch_dtype(self, value: Any) -> None:
+        self.dtype = value
+
+    @property
     def num_labels(self) -> int:
         return len(self.id2label)
 
@@ -154,6 +194,8 @@ class BloomConfig:
     # --- (de)serialisation ------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         out = {k: copy.deepcopy(v) for k, v in vars(self).items() if not k.startswith("_")}
+        dtype = self.dtype
+        out["dtype"] = str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else dtype
         out["model_type"] = self.model_type
         return out
 

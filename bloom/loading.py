@@ -14,12 +14,12 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from .config import BloomConfig
+from .config import BloomConfig, parse_dtype
 from .hub import HubOptions, resolve_file
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -30,23 +30,8 @@ BASE_PREFIX = "transformer."
 # Heads of the task models: absent from base checkpoints, ignored when loading a base model.
 HEAD_PREFIXES = ("lm_head.", "score.", "classifier.", "qa_outputs.")
 
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-
-
 class CheckpointError(ValueError):
     """The checkpoint is corrupt, incomplete, or does not match the model's config."""
-
-
-def parse_dtype(value: Any, name: str = "torch_dtype") -> torch.dtype | str | None:
-    if value is None or value == "auto" or isinstance(value, torch.dtype):
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in DTYPES:
-        return DTYPES[value.removeprefix("torch.")]
-    raise ValueError(f"{name} must be None, 'auto', a torch.dtype or one of {sorted(DTYPES)}; got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from bloom import BloomConfig
 from bloom.config import BLOOM_DEFAULTS
@@ -131,3 +132,26 @@ def test_bad_files_are_reported(tmp_path):
         BloomConfig.from_pretrained(empty)
     with pytest.raises(ModelNotFoundError, match="not a directory"):
         BloomConfig.from_pretrained(tmp_path / "missing_dir")
+
+
+@pytest.mark.parametrize("given", [dict(dtype="bfloat16"), dict(torch_dtype="float16"), dict(dtype=torch.float32),
+                                   dict(torch_dtype=torch.bfloat16), {}], ids=str)
+def test_dtype_is_a_torch_dtype_saved_by_name_as_transformers_does(given, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    ours, theirs = BloomConfig(**given), transformers.BloomConfig(**given)
+    assert ours.dtype == theirs.dtype and ours.torch_dtype == ours.dtype
+    assert ours.to_dict()["dtype"] == theirs.to_dict().get("dtype")
+    ours.save_pretrained(tmp_path)
+    assert BloomConfig.from_pretrained(tmp_path).dtype == ours.dtype
+    assert "torch_dtype" not in ours.to_dict()
+
+
+def test_bad_or_conflicting_dtype_is_refused_by_name():
+    with pytest.raises(ValueError, match="BloomConfig.dtype must be None, 'auto', a torch.dtype"):
+        BloomConfig(dtype="float8")
+    with pytest.raises(ValueError, match="torch_dtype='float16' conflicts with dtype='bfloat16'"):
+        BloomConfig(dtype="bfloat16", torch_dtype="float16")
+    config = BloomConfig(dtype="torch.float16")  # str(torch.float16), as some configs hold it
+    assert config.dtype is torch.float16
+    config.torch_dtype = "bf16"
+    assert config.dtype is torch.bfloat16
