@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -166,13 +167,9 @@ class BloomModel(BloomPreTrainedModel):
         self.h = nn.ModuleList([BloomBlock(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self._slopes: dict[torch.device, Tensor] = {}
+        self.gradient_checkpointing = False  # PreTrainedModel.gradient_checkpointing_enable sets it
+        self._checkpoint_kwargs: dict = {}
         self.init_weights()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.word_embeddings
-
-    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
-        self.word_embeddings = embeddings
 
     def alibi_slopes(self, device: torch.device) -> Tensor:
         """fp32 (H,) slopes, made once per device (kept out of the state dict and of .to(dtype))."""
@@ -253,11 +250,15 @@ class BloomModel(BloomPreTrainedModel):
         residual_stream = None
         all_hidden = () if output_hidden_states else None
         all_attentions = () if output_attentions else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.h):
-            delta, residual_stream, block_input, probs = block(
-                delta, residual_stream, shared, cache, None if head_mask is None else head_mask[i],
-                output_attentions,
-            )
+            args = (delta, residual_stream, shared, cache, None if head_mask is None else head_mask[i],
+                    output_attentions)
+            if checkpointing:
+                delta, residual_stream, block_input, probs = torch.utils.checkpoint.checkpoint(
+                    block, *args, **self._checkpoint_kwargs)
+            else:
+                delta, residual_stream, block_input, probs = block(*args)
             if output_hidden_states:
                 all_hidden += (block_input,)
             if output_attentions:
@@ -283,12 +284,6 @@ class BloomForCausalLM(BloomPreTrainedModel):
         # An int8 lm_head (bloom.quantization) holds its own quantised copy: nothing to tie.
         if getattr(self.config, "tie_word_embeddings", True) and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.transformer.word_embeddings.weight
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.transformer.word_embeddings
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
 
     def next_token_logits(self, input_ids: Tensor, cache: BloomCache, attention_mask: Tensor | None,
                           write_position: Tensor | None = None) -> Tensor:

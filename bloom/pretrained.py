@@ -63,5 +63,71 @@ class BloomPreTrainedModel(nn.Module):
 
         save_pretrained(self, save_directory, max_shard_size)
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Parameters counted once each (a tied lm_head is the embedding), as transformers counts them:
+        only those requiring grad with only_trainable, none of an nn.Embedding with exclude_embeddings."""
+        embeddings = {f"{name}.weight" for name, module in self.named_modules() if isinstance(module, nn.Embedding)}
+        return sum(p.numel() for name, p in self.named_parameters()
+                   if not (exclude_embeddings and name in embeddings) and (p.requires_grad or not only_trainable))
+
+    # --- the model API transformers' PreTrainedModel gives every class ---------------------------
+    @property
+    def base_model(self) -> nn.Module:
+        """The BloomModel inside a head (`transformer`), or the model itself."""
+        return getattr(self, self.base_model_prefix, self)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return callable(getattr(cls, "generate", None))
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.word_embeddings
+
+    def set_input_embeddings(self, embeddings: nn.Embedding) -> None:
+        self.base_model.word_embeddings = embeddings
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        """The lm_head, or None for a model without one (as transformers)."""
+        return getattr(self, "lm_head", None)
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        if not hasattr(self, "lm_head"):
+            raise AttributeError(f"{type(self).__name__} has no output embeddings (no lm_head) to set")
+        self.lm_head = new_embeddings
+
+    def tie_weights(self) -> None:
+        """Tie what the config says to tie (only a causal LM's lm_head has something to tie)."""
+
+    def enable_input_require_grads(self) -> None:
+        """Make the input embeddings' output require grad, so that gradient checkpointing or adapters
+        train with the embeddings frozen (transformers' hook)."""
+        def make_output_require_grads(module, inputs, output):
+            output.requires_grad_(True)
+
+        self._require_grads_hook = self.get_input_embeddings().register_forward_hook(make_output_require_grads)
+
+    def disable_input_require_grads(self) -> None:
+        hook = getattr(self, "_require_grads_hook", None)
+        if hook is not None:
+            hook.remove()
+            self._require_grads_hook = None
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each block's activations in the backward instead of keeping them (training only;
+        torch.utils.checkpoint, non-reentrant unless gradient_checkpointing_kwargs says otherwise)."""
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = True
+                module._checkpoint_kwargs = kwargs
+        if kwargs["use_reentrant"]:
+            self.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+
+    def gradient_checkpointing_disable(self) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = False

@@ -1,0 +1,112 @@
+"""The model API transformers' PreTrainedModel gives every class, run side by side with transformers'
+BLOOM on the same random weights: parameter counts, base_model, embeddings getters/setters,
+can_generate, input-require-grads, gradient checkpointing (same gradients, less memory kept)."""
+
+import pytest
+import torch
+
+import bloom
+from helpers import randomize_
+
+transformers = pytest.importorskip("transformers")
+
+CFG = dict(vocab_size=64, hidden_size=32, n_layer=3, n_head=4, pad_token_id=0)
+CLASSES = ["BloomModel", "BloomForCausalLM", "BloomForSequenceClassification", "BloomForTokenClassification",
+           "BloomForQuestionAnswering"]
+
+
+def pair(name):
+    torch.manual_seed(0)
+    theirs = getattr(transformers, name)(transformers.BloomConfig(**CFG))
+    ours = getattr(bloom, name)(bloom.BloomConfig(**CFG))
+    ours.load_state_dict(theirs.state_dict(), strict=False)
+    return ours, theirs
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_counts_embeddings_and_base_model_match_transformers(name):
+    ours, theirs = pair(name)
+    for kwargs in ({}, dict(exclude_embeddings=True), dict(only_trainable=True)):
+        assert ours.num_parameters(**kwargs) == theirs.num_parameters(**kwargs), kwargs
+    ours.get_input_embeddings().weight.requires_grad_(False)
+    theirs.get_input_embeddings().weight.requires_grad_(False)
+    assert ours.num_parameters(only_trainable=True) == theirs.num_parameters(only_trainable=True)
+    assert type(ours.base_model).__name__ == type(theirs.base_model).__name__ == "BloomModel"
+    assert ours.can_generate() == theirs.can_generate() == (name == "BloomForCausalLM")
+    assert ours.get_input_embeddings().weight.shape == theirs.get_input_embeddings().weight.shape
+    assert (ours.get_output_embeddings() is None) == (theirs.get_output_embeddings() is None)
+
+
+def test_set_embeddings_and_tie():
+    ours, _ = pair("BloomForCausalLM")
+    new = torch.nn.Embedding(64, 32)
+    ours.set_input_embeddings(new)
+    assert ours.transformer.word_embeddings is new
+    ours.tie_weights()
+    assert ours.lm_head.weight is new.weight
+    head = torch.nn.Linear(32, 64, bias=False)
+    ours.set_output_embeddings(head)
+    assert ours.get_output_embeddings() is head
+    with pytest.raises(AttributeError, match="BloomForSequenceClassification has no output embeddings"):
+        pair("BloomForSequenceClassification")[0].set_output_embeddings(head)
+
+
+def test_enable_input_require_grads_with_frozen_embeddings():
+    ours, _ = pair("BloomForCausalLM")
+    for p in ours.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(1, 64, (2, 5))
+    assert not ours(ids).logits.requires_grad
+    ours.enable_input_require_grads()
+    assert ours(ids).logits.requires_grad
+    ours.disable_input_require_grads()
+    assert not ours(ids).logits.requires_grad
+
+
+@pytest.mark.parametrize("kwargs", [None, {"use_reentrant": True}], ids=["non-reentrant", "reentrant"])
+def test_gradient_checkpointing_gives_the_same_gradients(kwargs):
+    """Training forward + backward with and without checkpointing: the same loss and gradients (the
+    recomputation repeats the same ops), and the flag is reported like transformers'."""
+    ours, _ = pair("BloomForCausalLM")
+    randomize_(ours)
+    ours.train()
+    ids = torch.randint(1, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+    def grads():
+        ours.zero_grad()
+        loss = ours(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in ours.named_parameters()}
+
+    plain_loss, plain = grads()
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    assert ours.is_gradient_checkpointing
+    ckpt_loss, ckpt = grads()
+    torch.testing.assert_close(ckpt_loss, plain_loss, atol=0, rtol=0)
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+    ours.gradient_checkpointing_disable()
+    assert not ours.is_gradient_checkpointing
+
+
+def test_gradient_checkpointing_keeps_fewer_activations():
+    """Saved-for-backward tensors of one forward: checkpointing keeps only each block's inputs."""
+    ours, _ = pair("BloomForCausalLM")
+    ours.train()
+    ids = torch.randint(1, 64, (2, 16))
+
+    def saved_bytes():
+        total = 0
+
+        def pack(t):
+            nonlocal total
+            total += t.numel() * t.element_size()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ours(ids, labels=ids).loss
+        return total
+
+    plain = saved_bytes()
+    ours.gradient_checkpointing_enable()
+    assert saved_bytes() < plain / 2
