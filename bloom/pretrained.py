@@ -9,6 +9,15 @@ from .config import BloomConfig
 from .hub import HubOptions
 
 
+def _copy_rows(old: torch.Tensor, new: torch.Tensor) -> None:
+    """Fill `new` (rows x dim, in place): old's rows where both have them, old's mean row after."""
+    with torch.no_grad():
+        kept = min(old.shape[0], new.shape[0])
+        new[:kept] = old[:kept]
+        if new.shape[0] > kept:
+            new[kept:] = old.float().mean(0).to(new.dtype)
+
+
 class BloomPreTrainedModel(nn.Module):
     config_class = BloomConfig
     base_model_prefix = "transformer"
@@ -97,6 +106,44 @@ class BloomPreTrainedModel(nn.Module):
 
     def tie_weights(self) -> None:
         """Tie what the config says to tie (only a causal LM's lm_head has something to tie)."""
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None,
+                                pad_to_multiple_of: int | None = None) -> nn.Embedding:
+        """Grow or shrink the vocabulary (after tokenizer.add_tokens): the kept rows are copied, new
+        rows start at the mean of the old ones (transformers' mean resizing), an untied lm_head is
+        resized alike, a tied one stays tied; config.vocab_size follows. Returns the input embeddings."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        size = old.num_embeddings if new_num_tokens is None else new_num_tokens
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"new_num_tokens must be a positive int, got {new_num_tokens!r}")
+        if pad_to_multiple_of is not None:
+            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        head = self.get_output_embeddings()
+        tied = head is not None and getattr(head, "weight", None) is old.weight
+        if head is not None and not tied and not isinstance(head, nn.Linear):
+            raise NotImplementedError(f"resize_token_embeddings: cannot resize a {type(head).__name__} lm_head "
+                                      "(an int8 one); resize before quantize_int8")
+        new = nn.Embedding(size, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        new.weight.requires_grad_(old.weight.requires_grad)
+        _copy_rows(old.weight, new.weight)
+        self.set_input_embeddings(new)
+        if head is not None and not tied:
+            new_head = nn.Linear(head.in_features, size, bias=head.bias is not None, device=head.weight.device,
+                                 dtype=head.weight.dtype)
+            _copy_rows(head.weight, new_head.weight)
+            if head.bias is not None:
+                with torch.no_grad():
+                    kept = min(head.out_features, size)
+                    new_head.bias.zero_()
+                    new_head.bias[:kept] = head.bias[:kept]
+            self.set_output_embeddings(new_head)
+        self.config.vocab_size = size
+        self.tie_weights()
+        return self.get_input_embeddings()
 
     def enable_input_require_grads(self) -> None:
         """Make the input embeddings' output require grad, so that gradient checkpointing or adapters

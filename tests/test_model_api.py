@@ -110,3 +110,38 @@ def test_gradient_checkpointing_keeps_fewer_activations():
     plain = saved_bytes()
     ours.gradient_checkpointing_enable()
     assert saved_bytes() < plain / 2
+
+
+@pytest.mark.parametrize("name", ["BloomForCausalLM", "BloomForSequenceClassification"])
+@pytest.mark.parametrize("new_size, multiple", [(70, None), (50, None), (70, 16)], ids=str)
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_resize_token_embeddings_matches_transformers(name, new_size, multiple, tied):
+    """Same sizes, same kept rows, new rows at the old mean (transformers samples them from a
+    normal of that mean with 1e-9 x the covariance), tie kept, config.vocab_size updated; the model
+    then runs on the new ids and gives transformers' logits."""
+    torch.manual_seed(0)
+    cfg = dict(CFG, tie_word_embeddings=tied)
+    theirs = getattr(transformers, name)(transformers.BloomConfig(**cfg)).eval()
+    ours = getattr(bloom, name)(bloom.BloomConfig(**cfg)).eval()
+    ours.load_state_dict(theirs.state_dict(), strict=False)
+    got = ours.resize_token_embeddings(new_size, pad_to_multiple_of=multiple)
+    want = theirs.resize_token_embeddings(new_size, pad_to_multiple_of=multiple)
+    assert got.weight.shape == want.weight.shape and ours.config.vocab_size == theirs.config.vocab_size
+    torch.testing.assert_close(got.weight, want.weight, atol=1e-3, rtol=0)
+    if name == "BloomForCausalLM":
+        assert (ours.lm_head.weight is got.weight) == tied
+        assert ours.lm_head.weight.shape == theirs.lm_head.weight.shape
+        if not tied:  # transformers' resized untied head: same kept rows (new rows: both at the mean)
+            torch.testing.assert_close(ours.lm_head.weight, theirs.lm_head.weight, atol=1e-3, rtol=0)
+        ids = torch.tensor([[1, got.num_embeddings - 1, 5]])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_resize_refuses_bad_sizes():
+    ours, _ = pair("BloomForCausalLM")
+    with pytest.raises(ValueError, match="new_num_tokens must be a positive int, got 0"):
+        ours.resize_token_embeddings(0)
+    with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
+        ours.resize_token_embeddings(70, pad_to_multiple_of=0)
+    assert ours.resize_token_embeddings() is ours.get_input_embeddings()
