@@ -159,6 +159,12 @@ class BloomBlock(nn.Module):
         return self.mlp(mlp_in), residual_stream, block_input, probs
 
 
+# What transformers' Trainer, loss utilities and generation pass to forward and BLOOM ignores (its ALiBi
+# positions come from the attention mask, the cache knows its own length; the loss arguments are used by
+# BloomForCausalLM and, as in transformers, by no other head). Any other unknown argument is a TypeError.
+IGNORED_FORWARD_ARGS = ("num_items_in_batch", "shift_labels", "cache_position", "position_ids")
+
+
 class BloomModel(BloomPreTrainedModel):
     def __init__(self, config: BloomConfig):
         super().__init__(config)
@@ -199,6 +205,8 @@ class BloomModel(BloomPreTrainedModel):
         config = self.config
         if past_key_values is None and "cache" in kwargs:  # transformers 5 spelling
             past_key_values = kwargs.pop("cache")
+        for name in IGNORED_FORWARD_ARGS:
+            kwargs.pop(name, None)
         if kwargs:
             raise TypeError(f"forward() got unexpected keyword arguments: {', '.join(sorted(kwargs))}")
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
@@ -317,8 +325,12 @@ class BloomForCausalLM(BloomPreTrainedModel):
         logits_to_keep: int = 0,
         **kwargs,
     ):
-        """`logits_to_keep=n` computes logits for the last n positions only (0: all)."""
+        """`logits_to_keep=n` computes logits for the last n positions only (0: all). The loss takes
+        transformers' `num_items_in_batch` (summed, then divided by it: gradient accumulation) and
+        `shift_labels` (labels already shifted, e.g. by a sequence-parallel trainer)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        shift_labels = kwargs.pop("shift_labels", None)
         out = self.transformer(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds, use_cache,
             output_attentions, output_hidden_states, return_dict=True, **kwargs,
@@ -329,17 +341,26 @@ class BloomForCausalLM(BloomPreTrainedModel):
         logits = self.lm_head(hidden)
 
         loss = None
-        if labels is not None:
-            check_labels(labels, logits.shape[:2], self.config.vocab_size)
-            loss = causal_lm_loss(logits, labels)
+        if labels is not None or shift_labels is not None:
+            for name, given in (("labels", labels), ("shift_labels", shift_labels)):
+                if given is not None:
+                    check_labels(given, logits.shape[:2], self.config.vocab_size, name)
+            loss = causal_lm_loss(logits, labels, num_items_in_batch, shift_labels)
         result = CausalLMOutputWithPast(loss, logits, out.past_key_values, out.hidden_states, out.attentions)
         return result if return_dict else result.to_tuple()
 
 
-def causal_lm_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy in fp32: position t predicts labels[t + 1]; -100 is ignored."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1), ignore_index=-100
-    )
+def causal_lm_loss(logits: Tensor, labels: Tensor | None, num_items_in_batch=None,
+                   shift_labels: Tensor | None = None) -> Tensor:
+    """Next-token cross-entropy in fp32: position t predicts labels[t + 1] (or shift_labels[t]); -100
+    is ignored. The mean over the counted tokens, or with num_items_in_batch (transformers' gradient
+    accumulation) their sum divided by it."""
+    if shift_labels is None:
+        shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                           shift_labels.to(logits.device).reshape(-1), ignore_index=-100, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / (num_items_in_batch.to(loss.device) if torch.is_tensor(num_items_in_batch)
+                       else num_items_in_batch)
+    return loss

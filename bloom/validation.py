@@ -77,11 +77,11 @@ def check_forward_inputs(config: BloomConfig, input_ids, inputs_embeds, attentio
                      f"got {_shape(head_mask)}")
 
 
-def check_labels(labels: Tensor, expected: tuple[int, int], vocab_size: int) -> None:
+def check_labels(labels: Tensor, expected: tuple[int, int], vocab_size: int, name: str = "labels") -> None:
     if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise TypeError("labels must be an integer tensor of token ids (-100 = ignored)")
+        raise TypeError(f"{name} must be an integer tensor of token ids (-100 = ignored)")
     if tuple(labels.shape) != tuple(expected):
-        raise ValueError(f"labels must have shape (batch, sequence) = {tuple(expected)}; got {_shape(labels)}")
+        raise ValueError(f"{name} must have shape (batch, sequence) = {tuple(expected)}; got {_shape(labels)}")
     valid = labels[labels != -100]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
-        raise ValueError(f"labels must be -100 or in [0, {vocab_size})")
+        raise ValueError(f"{name} must be -100 or in [0, {vocab_size})")

@@ -145,3 +145,35 @@ def test_resize_refuses_bad_sizes():
     with pytest.raises(ValueError, match="pad_to_multiple_of must be a positive int"):
         ours.resize_token_embeddings(70, pad_to_multiple_of=0)
     assert ours.resize_token_embeddings() is ours.get_input_embeddings()
+
+
+def test_trainer_loss_arguments_match_transformers():
+    """num_items_in_batch (sum / n: gradient accumulation), shift_labels, and the arguments BLOOM
+    ignores (position_ids, cache_position): the same losses and gradients as transformers'."""
+    ours, theirs = pair("BloomForCausalLM")
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(1, 64, (2, 6), generator=g)
+    labels = ids.clone()
+    labels[0, :2] = -100
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].contiguous()
+    cases = [dict(labels=labels), dict(labels=labels, num_items_in_batch=torch.tensor(7)),
+             dict(labels=labels, num_items_in_batch=3), dict(labels=labels, shift_labels=shifted),
+             dict(labels=labels, position_ids=torch.arange(6).expand(2, 6), cache_position=torch.arange(6))]
+    for kwargs in cases:
+        losses = []
+        for model in (theirs, ours):
+            model.zero_grad()
+            loss = model(ids, **kwargs).loss
+            loss.backward()
+            losses.append((loss.detach(), model.transformer.h[0].mlp.dense_4h_to_h.weight.grad.clone()))
+        torch.testing.assert_close(losses[1][0], losses[0][0], atol=1e-5, rtol=1e-5, msg=str(kwargs))
+        torch.testing.assert_close(losses[1][1], losses[0][1], atol=1e-5, rtol=1e-4, msg=str(kwargs))
+
+
+@pytest.mark.parametrize("name", CLASSES)
+def test_unknown_forward_argument_is_a_type_error_naming_it(name):
+    ours, _ = pair(name)
+    ids = torch.randint(1, 64, (1, 4))
+    ours(ids, num_items_in_batch=4, position_ids=torch.arange(4)[None])  # what Trainer passes: accepted
+    with pytest.raises(TypeError, match="unexpected keyword arguments: temperature"):
+        ours(ids, temperature=0.5)
