@@ -241,9 +241,11 @@ class BloomConfig:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        subfolder: str | None = None,
         **overrides: Any,
     ) -> "BloomConfig":
-        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                         subfolder=subfolder)
         return cls._from_hub(name_or_path, hub, **overrides)
 
     @classmethod

@@ -27,6 +27,7 @@ class HubOptions:
     cache_dir: str | os.PathLike | None = None
     local_files_only: bool = False
     token: str | bool | None = None
+    subfolder: str | None = None  # the model's files are in this folder of the directory / repository
 
     @classmethod
     def from_kwargs(cls, kwargs: dict[str, Any]) -> "HubOptions":
@@ -51,7 +52,7 @@ def resolve_file(
 ) -> Path | None:
     """Path of `filename` in a local directory or a hub repo; None if absent and not `required`."""
     if is_local(name_or_path):
-        path = Path(name_or_path) / filename
+        path = Path(name_or_path) / (hub.subfolder or "") / filename
         if path.is_file():
             return path
         if required:

@@ -134,9 +134,13 @@ def tied_keys(model: nn.Module) -> set[str]:
 # --------------------------------------------------------------------------------------------------
 def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, torch_dtype=None,
                     dtype=None, device=None, hub: HubOptions = HubOptions(), quantization: str | None = None,
-                    **config_overrides):
+                    ignore_mismatched_sizes: bool = False, state_dict: dict | None = None,
+                    **config_overrides) -> tuple[nn.Module, dict]:
     """Build `cls` on the meta device and fill it from a checkpoint (see module docstring); `hub` says
-    how to fetch files when `name_or_path` is a hub id.
+    how to fetch files when `name_or_path` is a hub id. Returns the model and transformers' loading
+    info: {"missing_keys" (initialised afresh), "unexpected_keys", "mismatched_keys" ((name, shape in
+    the checkpoint, shape in the model), with ignore_mismatched_sizes), "error_msgs"}. `state_dict`:
+    the tensors to load instead of the checkpoint's files (name_or_path may then be None).
 
     quantization="int8" quantises every Linear (lm_head included) tensor by tensor while loading; a
     checkpoint saved from a quantised model is recognised from its config and loads as int8 anyway.
@@ -145,14 +149,26 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
 
     if quantization not in (None, "int8"):
         raise ValueError(f"quantization must be None or 'int8'; got {quantization!r}")
+    if name_or_path is None and (config is None or state_dict is None):
+        raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
     if config is None:
         config = BloomConfig._from_hub(name_or_path, hub, **config_overrides)
     elif config_overrides:
         config = BloomConfig.from_dict(config.to_dict(), **config_overrides)
-    files, fmt = find_weight_files(name_or_path, hub)
+    if state_dict is not None:
+        files, fmt = [], "state_dict"
+        tensors = [(Path("state_dict"), name, tensor) for name, tensor in state_dict.items()]
+    else:
+        files, fmt = find_weight_files(name_or_path, hub)
+        tensors = None
     target = parse_dtype(dtype if dtype is not None else torch_dtype)
     if target == "auto":
-        target = checkpoint_dtype(files, fmt, config)
+        if tensors is not None:
+            declared = config.dtype
+            floats = [t.dtype for _, _, t in tensors if t.is_floating_point()]
+            target = declared if isinstance(declared, torch.dtype) else (floats[0] if floats else None)
+        else:
+            target = checkpoint_dtype(files, fmt, config)
     target = target or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -172,9 +188,10 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
     tied = tied_keys(model) if getattr(config, "tie_word_embeddings", True) else set()
     loaded: set[str] = set()
     unexpected: list[str] = []
+    mismatched: list[tuple[str, tuple, tuple]] = []
 
     progress = _ShardProgress(files, name_or_path)
-    for path, name, tensor in iter_checkpoint(files, fmt):
+    for path, name, tensor in (tensors if tensors is not None else iter_checkpoint(files, fmt)):
         progress.update_file(path)
         key = map_name(name, expected_names)
         if key is None:
@@ -182,11 +199,15 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         if key not in expected:
             unexpected.append(name)
             continue
+        if tuple(tensor.shape) != tuple(expected[key].shape) and ignore_mismatched_sizes:
+            mismatched.append((key, tuple(tensor.shape), tuple(expected[key].shape)))
+            continue
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise CheckpointError(
                 f"{path.name}: tensor {name} has shape {tuple(tensor.shape)} but the config "
                 f"({config.hidden_size=}, {config.n_head=}, {config.vocab_size=}) expects "
-                f"{tuple(expected[key].shape)} — does the config match the weights?"
+                f"{tuple(expected[key].shape)} — does the config match the weights? "
+                "(ignore_mismatched_sizes=True initialises such tensors afresh)"
             )
         if tensor.is_floating_point() and expected[key].is_floating_point():
             placed = {key: tensor.to(device=device, dtype=expected[key].dtype)}
@@ -201,7 +222,8 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         loaded.update(placed)
     progress.close()
 
-    missing = sorted(expected_names - loaded - tied)
+    mismatched_names = {key for key, _, _ in mismatched}
+    missing = sorted(expected_names - loaded - tied - mismatched_names)
     head_only = [k for k in missing if k.startswith(HEAD_PREFIXES) and k != "lm_head.weight"]
     real_missing = [k for k in missing if k not in head_only]
     if unexpected or real_missing:
@@ -212,11 +234,18 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         )
     if head_only:  # a task head fine-tuned from a base checkpoint starts from random weights
         warnings.warn(f"newly initialised (not in the checkpoint): {', '.join(head_only)}", stacklevel=3)
-        _materialise_head(model, head_only, device, target)
+    if mismatched:
+        warnings.warn("newly initialised (shape in the checkpoint differs, ignore_mismatched_sizes=True): "
+                      + ", ".join(f"{k} {ckpt} -> {want}" for k, ckpt, want in mismatched), stacklevel=3)
+    _materialise_head(model, head_only + sorted(mismatched_names), device, target)
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    model.config.dtype = str(target).removeprefix("torch.")
-    return model.eval()
+    model.config.dtype = target
+    # as transformers 5 reports them: sets, shapes as torch.Size
+    info = {"missing_keys": set(head_only), "unexpected_keys": set(),
+            "mismatched_keys": {(k, torch.Size(ckpt), torch.Size(want)) for k, ckpt, want in mismatched},
+            "error_msgs": []}
+    return model.eval(), info
 
 
 def _materialise_head(model: nn.Module, names: list[str], device, dtype) -> None:

@@ -9,6 +9,29 @@ from .config import BloomConfig
 from .hub import HubOptions
 
 
+ATTN_IMPLEMENTATIONS = (None, "eager", "sdpa", "flash_attention_2", "flex_attention")
+
+
+def _device_from_map(device, device_map):
+    """from_pretrained's one device from `device` or transformers' `device_map`."""
+    if device_map is None:
+        return device
+    if device is not None:
+        raise ValueError("pass device or device_map, not both")
+    if isinstance(device_map, dict):
+        raise NotImplementedError("device_map as a per-module dict is not supported: the model loads on one "
+                                  "device (use tensor parallelism for models larger than one GPU)")
+    if device_map == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device_map must be 'auto', a device (string, index or torch.device) or None; "
+                         f"got {device_map!r}") from None
+
+
 def _copy_rows(old: torch.Tensor, new: torch.Tensor) -> None:
     """Fill `new` (rows x dim, in place): old's rows where both have them, old's mean row after."""
     with torch.no_grad():
@@ -50,21 +73,44 @@ class BloomPreTrainedModel(nn.Module):
         return next(self.parameters()).dtype
 
     @classmethod
-    def from_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, torch_dtype=None,
-                        dtype=None, device=None, revision: str | None = None, cache_dir=None,
-                        local_files_only: bool = False, token=None, quantization: str | None = None,
-                        **config_overrides):
-        """Load a checkpoint from a local directory or a hub id (see bloom/loading.py).
+    def from_pretrained(cls, name_or_path, *model_args, config: BloomConfig | None = None, torch_dtype=None,
+                        dtype=None, device=None, device_map=None, revision: str | None = None, cache_dir=None,
+                        local_files_only: bool = False, token=None, subfolder: str | None = None,
+                        quantization: str | None = None, output_loading_info: bool = False,
+                        ignore_mismatched_sizes: bool = False, state_dict=None, low_cpu_mem_usage=None,
+                        attn_implementation: str | None = None, **config_overrides):
+        """Load a checkpoint from a local directory or a hub id (see bloom/loading.py), with
+        transformers' keyword arguments:
 
         torch_dtype (or dtype): None = float32, "auto" = the checkpoint's dtype, or a dtype / its name.
+        device / device_map: "cpu", "cuda", "cuda:1", a torch.device, or "auto" (the GPU if there is
+            one); a per-module map (dict) is refused: the model is loaded on one device.
+        output_loading_info=True: returns (model, {"missing_keys", "unexpected_keys", "mismatched_keys",
+            "error_msgs"}). ignore_mismatched_sizes=True: a tensor whose shape differs from the config's
+            is initialised afresh and reported, instead of an error.
+        name_or_path=None with config= and state_dict=: the model from those tensors.
         quantization="int8": int8 weight-only, quantised tensor by tensor while loading.
+        low_cpu_mem_usage: accepted; loading is always lean (built on the meta device, filled tensor by
+            tensor). attn_implementation: "eager", "sdpa", "flash_attention_2", "flex_attention" accepted
+            (the fused ALiBi kernels always run; BLOOM's attention has no other implementation here).
         Remaining keyword arguments override config fields.
         """
         from .loading import load_pretrained
 
-        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
-        return load_pretrained(cls, name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype,
-                               device=device, hub=hub, quantization=quantization, **config_overrides)
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no positional model arguments; got "
+                            f"{len(model_args)} (pass config=... and keyword arguments)")
+        if attn_implementation not in ATTN_IMPLEMENTATIONS:
+            raise ValueError(f"attn_implementation must be one of {', '.join(map(repr, ATTN_IMPLEMENTATIONS))}; "
+                             f"got {attn_implementation!r}")
+        device = _device_from_map(device, device_map)
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                         subfolder=subfolder)
+        model, info = load_pretrained(cls, name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype,
+                                      device=device, hub=hub, quantization=quantization,
+                                      ignore_mismatched_sizes=ignore_mismatched_sizes, state_dict=state_dict,
+                                      **config_overrides)
+        return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB") -> None:
         """config.json + safetensors (sharded with an index past max_shard_size), as transformers."""

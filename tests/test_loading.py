@@ -232,7 +232,8 @@ def test_save_replaces_a_previous_sharding(tmp_path):
 # --------------------------------------------------------------------------------------------------
 # HubOptions: the hub arguments travel as one object down to hf_hub_download
 # --------------------------------------------------------------------------------------------------
-HUB_KWARGS = dict(revision="v1.0", cache_dir="/some/cache", local_files_only=True, token="hf_secret")
+HUB_KWARGS = dict(revision="v1.0", cache_dir="/some/cache", local_files_only=True, token="hf_secret",
+                  subfolder="sub")
 
 
 def test_hub_options_from_kwargs_and_to_kwargs():

@@ -149,6 +149,7 @@ class BloomTokenizerFast:
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
         token: str | bool | None = None,
+        subfolder: str | None = None,
         **kwargs: Any,
     ) -> BloomTokenizerFast:
         """Load from a local directory or a hub id (e.g. "bigscience/bloom-560m").
@@ -156,7 +157,8 @@ class BloomTokenizerFast:
         Reads tokenizer.json (required), tokenizer_config.json and special_tokens_map.json (optional).
         Precedence: tokenizer_config.json < special_tokens_map.json < keyword arguments.
         """
-        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token)
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
+                         subfolder=subfolder)
         return cls(**_from_pretrained_kwargs(name_or_path, kwargs, hub))
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
