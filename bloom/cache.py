@@ -12,6 +12,8 @@ transformers 4.x's BLOOM tuples: key (B*H, D, L), value (B*H, L, D); `from_legac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -19,6 +21,14 @@ from torch import Tensor
 class CacheOverflowError(ValueError):
     """A forward would write past the end of a fixed-capacity cache, or `generate` past the model's
     length limit."""
+
+
+@dataclass(frozen=True)
+class CacheLayer:
+    """One layer of a cache as transformers 5's code reads it."""
+
+    keys: Tensor
+    values: Tensor
 
 
 class BloomCache:
@@ -68,6 +78,11 @@ class BloomCache:
 
     def __iter__(self):
         return (self[i] for i in range(len(self)))
+
+    @property
+    def layers(self) -> list[CacheLayer]:
+        """transformers 5's view: `cache.layers[i].keys / .values`, (B, H, length, D) views."""
+        return [CacheLayer(*self[i]) for i in range(len(self))]
 
     # --- writing ----------------------------------------------------------------------------------
     def reserve(self, new_tokens: int) -> None:
@@ -126,8 +141,13 @@ class BloomCache:
         return tuple(out)
 
     @classmethod
-    def from_legacy_cache(cls, past, n_head: int, *, growable: bool = True) -> "BloomCache":
-        """Read transformers 4.x BLOOM tuples (key (B*H, D, L), value (B*H, L, D)) or (B, H, L, D) pairs."""
+    def from_legacy_cache(cls, past, n_head: int, *, growable: bool = True) -> "BloomCache | None":
+        """Read transformers 4.x BLOOM tuples (key (B*H, D, L), value (B*H, L, D)), (B, H, L, D) pairs, or
+        a transformers Cache object (DynamicCache: 5.x `layers`, 4.x `key_cache`/`value_cache`); None
+        for an empty one (nothing cached yet)."""
+        past = _layer_pairs(past)
+        if not past:
+            return None
         first_key = past[0][0]
         if first_key.dim() == 3:
             batch_heads, head_dim, length = first_key.shape
@@ -158,3 +178,13 @@ class BloomCache:
             cache.values[i][:, :, :length] = v
         cache.length = length
         return cache
+
+
+def _layer_pairs(past) -> list[tuple[Tensor, Tensor]]:
+    """Per-layer (key, value) of legacy tuples or a transformers Cache object; [] when it holds nothing."""
+    if hasattr(past, "layers") and not isinstance(past, (tuple, list)):  # transformers 5 Cache
+        return [(layer.keys, layer.values) for layer in past.layers
+                if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    if hasattr(past, "key_cache"):  # transformers 4.x DynamicCache
+        return [(k, v) for k, v in zip(past.key_cache, past.value_cache) if k is not None and k.numel()]
+    return list(past)

@@ -177,3 +177,36 @@ def test_unknown_forward_argument_is_a_type_error_naming_it(name):
     ours(ids, num_items_in_batch=4, position_ids=torch.arange(4)[None])  # what Trainer passes: accepted
     with pytest.raises(TypeError, match="unexpected keyword arguments: temperature"):
         ours(ids, temperature=0.5)
+
+
+def test_transformers_caches_are_accepted_and_ours_reads_like_one():
+    """A DynamicCache filled by transformers' BLOOM, an empty one, and legacy tuples continue the
+    sequence with transformers' logits; our returned cache answers get_seq_length() and
+    layers[i].keys / .values like transformers'."""
+    from transformers import DynamicCache
+
+    ours, theirs = pair("BloomForCausalLM")
+    ours.eval(), theirs.eval()
+    g = torch.Generator().manual_seed(3)
+    prompt, nxt = torch.randint(1, 64, (2, 5), generator=g), torch.randint(1, 64, (2, 1), generator=g)
+    with torch.no_grad():
+        their_first = theirs(prompt, use_cache=True)
+        their_cache = their_first.past_key_values
+        our_first = ours(prompt, use_cache=True)
+        cache = our_first.past_key_values
+        assert cache.get_seq_length() == their_cache.get_seq_length() == 5 and len(cache.layers) == CFG["n_layer"]
+        for mine, theirs_layer in zip(cache.layers, their_cache.layers):
+            torch.testing.assert_close(mine.keys, theirs_layer.keys, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mine.values, theirs_layer.values, atol=1e-5, rtol=1e-5)
+        mask = torch.ones(2, 6, dtype=torch.long)
+        legacy = tuple((layer.keys.clone(), layer.values.clone()) for layer in their_cache.layers)
+        want = theirs(nxt, cache=their_cache, attention_mask=mask).logits  # appends to their_cache
+        refill = DynamicCache()
+        for i, (k, v) in enumerate(legacy):
+            refill.update(k, v, i)
+        for past in (refill, legacy):
+            got = ours(nxt, past_key_values=past, attention_mask=mask).logits
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        empty = ours(prompt, past_key_values=DynamicCache(), use_cache=True)
+        torch.testing.assert_close(empty.logits, our_first.logits)
+        assert empty.past_key_values.get_seq_length() == 5
