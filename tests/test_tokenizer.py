@@ -446,7 +446,7 @@ def test_hub_id_not_cached_offline(tmp_path):
         (dict(padding="longestt"), r"padding must be one of False, True, 'longest', 'max_length'.*'longestt'"),
         (dict(padding=1), r"padding must be one of"),
         (dict(padding=True, padding_side="top"), r"padding_side must be 'left' or 'right', got 'top'"),
-        (dict(truncation="only_second"), r"truncation must be one of True, 'longest_first'.*'only_second'"),
+        (dict(truncation="middle"), r"truncation must be one of True, 'longest_first'.*'only_second'"),
         (dict(truncation=True, max_length=0), r"max_length must be a positive int"),
         (dict(return_tensors="tf"), r"return_tensors must be one of None, 'pt', 'np', got 'tf'"),
         (dict(padding=True, truncation=True, max_length=10, pad_to_multiple_of=4), r"not a multiple of"),
@@ -462,7 +462,7 @@ def test_bad_sides_and_inputs(tok_dir, ours):
         BloomTokenizerFast.from_pretrained(tok_dir, padding_side="middle")
     with pytest.raises(ValueError, match="truncation_side must be 'left' or 'right'"):
         BloomTokenizerFast.from_pretrained(tok_dir, truncation_side="both")
-    with pytest.raises(TypeError, match="text must be a str or a list of str, got int"):
+    with pytest.raises(TypeError, match="text must be a str, a list of str or a list of \(str, str\) pairs, got int"):
         ours(3)
     with pytest.raises(TypeError, match="containing int"):
         ours(["ok", 3])
@@ -495,3 +495,32 @@ def test_add_prefix_space_needs_byte_level(tmp_path):
     with pytest.raises(ValueError, match="ByteLevel pre-tokenizer"):
         BloomTokenizerFast(tokenizer_object=tok, add_prefix_space=True)
     assert BloomTokenizerFast(tokenizer_object=tok, add_prefix_space=False).add_prefix_space is False
+
+
+PAIRS_A = ["Hello world", "Une phrase un peu plus longue que l'autre", "x"]
+PAIRS_B = ["and the second part", "b", "Ωμέγα y 日本語"]
+
+
+@pytest.mark.parametrize("call", [
+    dict(text=PAIRS_A[0], text_pair=PAIRS_B[0]),
+    dict(text=PAIRS_A, text_pair=PAIRS_B, padding=True, return_tensors="pt"),
+    dict(text=[list(p) for p in zip(PAIRS_A, PAIRS_B)], padding="longest"),
+    dict(text=PAIRS_A, text_pair=PAIRS_B, truncation="longest_first", max_length=6, padding="max_length"),
+    dict(text=PAIRS_A[0::2], text_pair=PAIRS_B[0::2], truncation="only_second", max_length=12),
+    dict(text=PAIRS_A, text_pair=PAIRS_B, truncation="only_first", max_length=24),
+    dict(text=PAIRS_A, text_pair=PAIRS_B, return_token_type_ids=True, return_special_tokens_mask=True),
+    dict(text=PAIRS_A, return_special_tokens_mask=True, return_token_type_ids=True, padding=True),
+    dict(text=PAIRS_A, text_target=PAIRS_B, padding=True, return_tensors="pt"),
+    dict(text_target=PAIRS_B),
+], ids=lambda c: ",".join(k for k in c if k != "text"))
+def test_pairs_targets_and_extra_returns_match_transformers(ours, ref, call):
+    assert _plain(ours(**call)) == _plain(ref(**call))
+
+
+def test_pair_refusals_name_the_argument(ours):
+    with pytest.raises(ValueError, match="text and text_pair must have the same length; got 3 and 2"):
+        ours(PAIRS_A, PAIRS_B[:2])
+    with pytest.raises(TypeError, match="text_pair must match text"):
+        ours("a", ["b"])
+    with pytest.raises(ValueError, match="give text .* or text_target"):
+        ours()

@@ -44,16 +44,34 @@ class BatchEncoding(dict):
         return self
 
 
-def _text_batch(text: Any) -> tuple[list[str], bool]:
-    """A call's text (a str, or a list / tuple of str) -> (list of strings, whether it was a batch)."""
+def _text_batch(text: Any, text_pair: Any = None) -> tuple[list, bool]:
+    """A call's text -> (list of strings or (first, second) pairs, whether it was a batch). Pairs come
+    as `text_pair` beside `text` (a str with a str, a list with a list of the same length), or as a
+    list of 2-element lists / tuples of str in `text`, as transformers reads them."""
+    def is_pair(item):
+        return isinstance(item, (list, tuple)) and len(item) == 2 and all(isinstance(t, str) for t in item)
+
+    if text_pair is not None:
+        if isinstance(text, str) and isinstance(text_pair, str):
+            return [(text, text_pair)], False
+        if (isinstance(text, (list, tuple)) and isinstance(text_pair, (list, tuple))
+                and all(isinstance(t, str) for t in (*text, *text_pair))):
+            if len(text) != len(text_pair):
+                raise ValueError(f"text and text_pair must have the same length; got {len(text)} and "
+                                 f"{len(text_pair)}")
+            return list(zip(text, text_pair)), True
+        raise TypeError(f"text_pair must match text: a str with a str, a list of str with a list of str; got "
+                        f"{type(text).__name__} and {type(text_pair).__name__}")
     if isinstance(text, str):
         return [text], False
     if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
         return list(text), True
+    if isinstance(text, (list, tuple)) and text and all(is_pair(t) for t in text):
+        return [tuple(t) for t in text], True
     raise TypeError(
-        f"text must be a str or a list of str, got {type(text).__name__}"
+        f"text must be a str, a list of str or a list of (str, str) pairs, got {type(text).__name__}"
         + (f" containing {type(next(t for t in text if not isinstance(t, str))).__name__}"
-           if isinstance(text, (list, tuple)) else "")
+           if isinstance(text, (list, tuple)) and text else "")
     )
 
 
@@ -69,9 +87,15 @@ def _batch_encoding(
     return_tensors: str | None,
     return_attention_mask: bool,
     return_offsets_mapping: bool,
+    return_token_type_ids: bool = False,
+    return_special_tokens_mask: bool = False,
 ) -> BatchEncoding:
     """The BatchEncoding of `tokenizers` encodings: lists (flat for a single string) or (B, T) tensors."""
     data: dict[str, Any] = {"input_ids": [e.ids for e in encodings]}
+    if return_token_type_ids:
+        data["token_type_ids"] = [e.type_ids for e in encodings]
+    if return_special_tokens_mask:
+        data["special_tokens_mask"] = [e.special_tokens_mask for e in encodings]
     if return_attention_mask:
         data["attention_mask"] = [e.attention_mask for e in encodings]
     if return_offsets_mapping:

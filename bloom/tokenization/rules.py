@@ -19,7 +19,7 @@ LARGE_INTEGER = int(1e20)
 
 _SIDES = ("left", "right")
 _PADDING_VALUES = (False, True, "longest", "max_length", "do_not_pad")
-_TRUNCATION_VALUES = (False, None, True, "longest_first", "only_first", "do_not_truncate")
+_TRUNCATION_VALUES = (False, None, True, "longest_first", "only_first", "only_second", "do_not_truncate")
 
 
 def _check_side(value: Any, name: str) -> str:
@@ -41,7 +41,8 @@ def _strategies(
     """Validate the padding/truncation arguments the way transformers reads them.
 
     `model_max_length`, `pad_token` and `pad_token_id` are the tokenizer's.
-    Returns (None | "longest" | "max_length", truncate: bool, max_length).
+    Returns (None | "longest" | "max_length", truncation strategy ("longest_first", "only_first",
+    "only_second") or None, max_length).
     """
     if not any(padding is v or (isinstance(v, str) and padding == v) for v in _PADDING_VALUES):
         raise ValueError(
@@ -49,7 +50,8 @@ def _strategies(
         )
     if not any(truncation is v or (isinstance(v, str) and truncation == v) for v in _TRUNCATION_VALUES):
         raise ValueError(
-            "truncation must be one of True, 'longest_first', 'only_first', False, None, 'do_not_truncate', "
+            "truncation must be one of True, 'longest_first', 'only_first', 'only_second', False, None, "
+            "'do_not_truncate', "
             f"got {truncation!r}"
         )
     for name, value in (("max_length", max_length), ("pad_to_multiple_of", pad_to_multiple_of)):
@@ -63,14 +65,15 @@ def _strategies(
         pad_strategy = None
     else:
         pad_strategy = "max_length" if padding == "max_length" else "longest"
-    truncate = truncation not in (False, None, "do_not_truncate")
+    truncate = None if truncation in (False, None, "do_not_truncate") else (
+        "longest_first" if truncation is True else truncation)
 
     if max_length is None:
         limit = model_max_length if model_max_length <= LARGE_INTEGER else None
         if pad_strategy == "max_length" and limit is None:
             pad_strategy = None  # as transformers: nothing to pad to
         if truncate and limit is None:
-            truncate = False
+            truncate = None
         max_length = limit
 
     if pad_strategy is not None and (pad_token is None or pad_token_id is None):
@@ -91,7 +94,7 @@ def _strategies(
 def _padding_and_truncation(
     backend: Tokenizer,
     pad_strategy: str | None,
-    truncate: bool,
+    truncate: str | None,
     max_length: int | None,
     *,
     padding_side: str,
@@ -106,7 +109,7 @@ def _padding_and_truncation(
     """
     try:
         if truncate:
-            backend.enable_truncation(max_length, stride=0, strategy="longest_first", direction=truncation_side)
+            backend.enable_truncation(max_length, stride=0, strategy=truncate, direction=truncation_side)
         if pad_strategy is not None:
             backend.enable_padding(
                 direction=padding_side,

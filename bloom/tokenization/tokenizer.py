@@ -285,8 +285,11 @@ class BloomTokenizerFast:
 
     def __call__(
         self,
-        text: str | list[str] | tuple[str, ...],
+        text: str | list[str] | tuple[str, ...] | list[tuple[str, str]] | None = None,
+        text_pair: str | list[str] | None = None,
         *,
+        text_target: str | list[str] | None = None,
+        text_pair_target: str | list[str] | None = None,
         add_special_tokens: bool = True,
         padding: bool | str = False,
         truncation: bool | str | None = None,
@@ -295,23 +298,51 @@ class BloomTokenizerFast:
         padding_side: str | None = None,
         return_tensors: str | None = None,
         return_attention_mask: bool = True,
+        return_token_type_ids: bool | None = None,
+        return_special_tokens_mask: bool = False,
         return_offsets_mapping: bool = False,
     ) -> BatchEncoding:
-        """Encode a string or a batch (list) of strings.
+        """Encode a string, a batch (list) of strings, or pairs of them.
 
         Args:
+            text_pair: the second sequence of each pair (a str beside a str, a list beside a list); pairs
+                may also be given as a list of (first, second) in `text`.
+            text_target / text_pair_target: targets, encoded the same way; their input_ids become the
+                `labels` of the result (the whole result when `text` is None), as in transformers.
             padding: False / "do_not_pad"; True / "longest" (to the longest of the batch); "max_length"
                 (to `max_length`, or model_max_length).
-            truncation: True / "longest_first" / "only_first" cut each sequence to `max_length` (or
-                model_max_length) on `truncation_side`; False / None: no truncation -- except that, as in
-                transformers, `max_length` given with padding=False and truncation=None truncates.
+            truncation: True / "longest_first" (pairs: the longer one first) / "only_first" / "only_second"
+                cut each sequence to `max_length` (or model_max_length) on `truncation_side`; False / None:
+                no truncation -- except that, as in transformers, `max_length` given with padding=False
+                and truncation=None truncates.
             padding_side: "left" or "right" for this call (default: `self.padding_side`).
             return_tensors: None (python lists) / "pt" (torch int64) / "np" (numpy int64).
+            return_token_type_ids: BLOOM's model takes none, so only when asked (0 first, 1 second).
         Returns:
-            BatchEncoding with `input_ids`, `attention_mask` (unless return_attention_mask=False) and
-            `offset_mapping` if asked. A single string gives flat lists, or a (1, T) tensor.
+            BatchEncoding with `input_ids`, `attention_mask` (unless return_attention_mask=False), and
+            `token_type_ids`, `special_tokens_mask`, `offset_mapping`, `labels` if asked. A single string
+            (or pair) gives flat lists, or a (1, T) tensor.
         """
-        batch, is_batched = _text_batch(text)
+        if text is None and text_target is None:
+            raise ValueError("give text (the inputs) or text_target (the labels), or both")
+        options = dict(add_special_tokens=add_special_tokens, padding=padding, truncation=truncation,
+                       max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+                       return_tensors=return_tensors, return_attention_mask=return_attention_mask,
+                       return_token_type_ids=bool(return_token_type_ids),
+                       return_special_tokens_mask=return_special_tokens_mask,
+                       return_offsets_mapping=return_offsets_mapping)
+        inputs = None if text is None else self._encode(text, text_pair, **options)
+        if text_target is None:
+            return inputs
+        targets = self._encode(text_target, text_pair_target, **options)
+        if inputs is None:
+            return targets
+        inputs["labels"] = targets["input_ids"]
+        return inputs
+
+    def _encode(self, text, text_pair, *, add_special_tokens, padding, truncation, max_length,
+                pad_to_multiple_of, padding_side, return_tensors, **returns) -> BatchEncoding:
+        batch, is_batched = _text_batch(text, text_pair)
         _check_tensor_type(return_tensors)
         pad_strategy, truncate, max_length = _strategies(
             padding,
@@ -338,13 +369,7 @@ class BloomTokenizerFast:
         ):
             encodings = self._tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens)
 
-        return _batch_encoding(
-            encodings,
-            is_batched=is_batched,
-            return_tensors=return_tensors,
-            return_attention_mask=return_attention_mask,
-            return_offsets_mapping=return_offsets_mapping,
-        )
+        return _batch_encoding(encodings, is_batched=is_batched, return_tensors=return_tensors, **returns)
 
     def encode(
         self,
