@@ -524,3 +524,40 @@ def test_pair_refusals_name_the_argument(ours):
         ours("a", ["b"])
     with pytest.raises(ValueError, match="give text .* or text_target"):
         ours()
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("kwargs", [dict(), dict(padding="max_length", max_length=40), dict(pad_to_multiple_of=8),
+                                    dict(return_tensors="pt")], ids=str)
+def test_pad_matches_transformers(ours, ref, side, kwargs):
+    """Rows encoded one by one (a dataset), then padded together: a list of dicts and a dict of lists."""
+    rows = [dict(ours(t, return_special_tokens_mask=True)) for t in PAIRS_A + PAIRS_B]
+    for tok in (ours, ref):
+        tok.padding_side = side
+    assert _plain(ours.pad(rows, **kwargs)) == _plain(ref.pad(rows, **kwargs))
+    columns = {key: [row[key] for row in rows] for key in rows[0]}
+    assert _plain(ours.pad(columns, **kwargs)) == _plain(ref.pad(columns, **kwargs))
+    # rows without a mask: made and padded, or none with return_attention_mask=False (transformers leaves
+    # a given mask unpadded then; ours pads what it is given)
+    ids_only = [{"input_ids": row["input_ids"]} for row in rows]
+    assert _plain(ours.pad(ids_only, **kwargs)) == _plain(ref.pad(ids_only, **kwargs))
+    assert "attention_mask" not in ours.pad(ids_only, return_attention_mask=False)
+
+
+def test_added_tokens_and_settable_special_ids_match_transformers(ours, ref):
+    for tok in (ours, ref):
+        assert tok.add_tokens(["<extra>", "brandnewword"]) == 2
+        assert tok.add_tokens("<extra>") == 0
+        assert tok.add_special_tokens({"additional_special_tokens": ["<ctx>"], "pad_token": "<padx>"}) == 2
+        tok.eos_token_id = 5
+    text = "a brandnewword <ctx> b<extra><padx>"
+    assert _plain(ours(text)) == _plain(ref(text))
+    assert len(ours) == len(ref) and ours.get_vocab() == ref.get_vocab()
+    assert ours.eos_token == ref.eos_token and ours.pad_token_id == ref.pad_token_id
+    assert set(ours.all_special_tokens) <= set(ref.all_special_tokens) and "<ctx>" in ours.all_special_tokens
+    ids = ours(text)["input_ids"]
+    assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    with pytest.raises(ValueError, match="unknown keys \\['mask_token'\\]"):
+        ours.add_special_tokens({"mask_token": "<m>"})
+    with pytest.raises(ValueError, match="pad_token_id must be None or an id of the vocabulary"):
+        ours.pad_token_id = 10**9

@@ -25,7 +25,7 @@ from typing import Any
 from tokenizers import AddedToken, Tokenizer
 
 from ..hub import HubOptions
-from .encoding import BatchEncoding, _batch_encoding, _check_tensor_type, _text_batch, _to_py
+from .encoding import BatchEncoding, _as_tensor, _batch_encoding, _check_tensor_type, _text_batch, _to_py
 from .files import TOKENIZER_FILE, _from_pretrained_kwargs, _save_pretrained
 from .rules import VERY_LARGE_INTEGER, _check_side, _padding_and_truncation, _strategies
 from .state import (
@@ -54,6 +54,14 @@ def _clean_up_tokenization(text: str) -> str:
     )
 
 
+PADDED_KEYS = ("input_ids", "attention_mask", "token_type_ids", "special_tokens_mask")
+
+
+def _padded(row: list, length: int, fill: int, side: str) -> list:
+    pad = [fill] * max(0, length - len(row))
+    return pad + row if side == "left" else row + pad
+
+
 def _special_token(name: str) -> property:
     """The `name` attribute (e.g. pad_token): its text, or None; setting it registers the token."""
     return property(
@@ -64,7 +72,8 @@ def _special_token(name: str) -> property:
 
 
 def _special_token_id(name: str) -> property:
-    return property(lambda self: self._special_id(name), doc=f"The id of {name} (None when it is not set).")
+    return property(lambda self: self._special_id(name), lambda self, value: self._set_special_id(name, value),
+                    doc=f"The id of {name} (None when it is not set); settable to an id of the vocabulary.")
 
 
 class BloomTokenizerFast:
@@ -221,6 +230,56 @@ class BloomTokenizerFast:
             self._tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
         self._special[name] = token
 
+    def _set_special_id(self, name: str, value: Any) -> None:
+        token = None if value is None else self._tokenizer.id_to_token(value) if isinstance(value, int) else None
+        if value is not None and token is None:
+            raise ValueError(f"{name}_id must be None or an id of the vocabulary [0, {len(self)}); got {value!r}")
+        self._set_special(name, token)
+
+    # --- adding tokens (then model.resize_token_embeddings(len(tokenizer))) -------------------------
+    def add_tokens(self, new_tokens: str | AddedToken | list, special_tokens: bool = False) -> int:
+        """Add tokens to the vocabulary (matched whole, never split); returns how many were new."""
+        tokens = [new_tokens] if isinstance(new_tokens, (str, AddedToken)) else list(new_tokens)
+        for token in tokens:
+            if not isinstance(token, (str, AddedToken)) or not str(token):
+                raise TypeError(f"add_tokens takes non-empty str or AddedToken values; got {token!r}")
+        with self._lock:
+            before = len(self)
+            if special_tokens:
+                self._tokenizer.add_special_tokens(
+                    [t if isinstance(t, AddedToken) else AddedToken(t, special=True, normalized=False) for t in tokens])
+            else:
+                self._tokenizer.add_tokens(tokens)
+            return len(self) - before
+
+    def add_special_tokens(self, special_tokens_dict: dict[str, Any],
+                           replace_additional_special_tokens: bool = True) -> int:
+        """Set bos/eos/unk/pad tokens and/or `additional_special_tokens` (a list), adding those not in the
+        vocabulary; returns how many were new (as transformers)."""
+        allowed = (*SPECIAL_TOKENS_ATTRIBUTES, "additional_special_tokens")
+        unknown = sorted(set(special_tokens_dict) - set(allowed))
+        if unknown:
+            raise ValueError(f"add_special_tokens: unknown keys {unknown}; expected some of {list(allowed)}")
+        before = len(self)
+        # the named tokens first, then the additional ones: the ids transformers gives them
+        for name, value in sorted(special_tokens_dict.items(), key=lambda kv: kv[0] == "additional_special_tokens"):
+            if name == "additional_special_tokens":
+                extra = [_token_str(t, name) for t in value]
+                self.add_tokens(extra, special_tokens=True)
+                kept = [] if replace_additional_special_tokens else self._additional
+                self._additional = list(dict.fromkeys(kept + extra))
+            else:
+                self._set_special(name, value)
+        return len(self) - before
+
+    @property
+    def additional_special_tokens(self) -> list[str]:
+        return list(getattr(self, "_additional", []))
+
+    @additional_special_tokens.setter
+    def additional_special_tokens(self, tokens: list) -> None:
+        self.add_special_tokens({"additional_special_tokens": list(tokens)})
+
     def _special_id(self, name: str) -> int | None:
         token = self._special.get(name)
         return None if token is None else self._tokenizer.token_to_id(token)
@@ -241,7 +300,7 @@ class BloomTokenizerFast:
 
     @property
     def all_special_tokens(self) -> list[str]:
-        return list(dict.fromkeys(self.special_tokens_map.values()))
+        return list(dict.fromkeys([*self.special_tokens_map.values(), *self.additional_special_tokens]))
 
     @property
     def all_special_ids(self) -> list[int]:
@@ -370,6 +429,45 @@ class BloomTokenizerFast:
             encodings = self._tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens)
 
         return _batch_encoding(encodings, is_batched=is_batched, return_tensors=return_tensors, **returns)
+
+    def pad(self, encoded_inputs, padding: bool | str = True, max_length: int | None = None,
+            pad_to_multiple_of: int | None = None, padding_side: str | None = None,
+            return_attention_mask: bool | None = None, return_tensors: str | None = None) -> BatchEncoding:
+        """Pad already-encoded sequences (a BatchEncoding / dict of lists, or a list of dicts, e.g. a
+        dataset's rows) as transformers does: input_ids with pad_token_id, attention_mask (made if
+        absent, unless return_attention_mask=False; one given is kept) and token_type_ids with 0, special_tokens_mask with
+        1; other keys are kept as they are."""
+        if isinstance(encoded_inputs, (list, tuple)) and encoded_inputs and isinstance(encoded_inputs[0], dict):
+            encoded_inputs = {key: [row[key] for row in encoded_inputs] for key in encoded_inputs[0]}
+        if not isinstance(encoded_inputs, dict) or "input_ids" not in encoded_inputs:
+            raise ValueError("pad takes a BatchEncoding / dict with input_ids, or a list of such dicts; got "
+                             f"{type(encoded_inputs).__name__}")
+        _check_tensor_type(return_tensors)
+        data = {key: _to_py(value) for key, value in encoded_inputs.items()}
+        single = bool(data["input_ids"]) and not isinstance(data["input_ids"][0], list)
+        if single:
+            data = {key: [value] for key, value in data.items()}
+        if return_attention_mask is not False and "attention_mask" not in data:
+            data["attention_mask"] = [[1] * len(ids) for ids in data["input_ids"]]
+        pad_strategy, _, max_length = _strategies(padding, False, max_length, pad_to_multiple_of,
+                                                  model_max_length=self.model_max_length, pad_token=self.pad_token,
+                                                  pad_token_id=self.pad_token_id)
+        side = _check_side(self.padding_side if padding_side is None else padding_side, "padding_side")
+        if pad_strategy is not None:
+            target = max_length if pad_strategy == "max_length" else max(map(len, data["input_ids"]), default=0)
+            if pad_to_multiple_of:
+                target = -(-target // pad_to_multiple_of) * pad_to_multiple_of
+            fills = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0,
+                     "special_tokens_mask": 1}
+            for key, fill in fills.items():
+                if key in data:
+                    data[key] = [_padded(row, target, fill, side) for row in data[key]]
+        if return_tensors is not None:
+            data = {key: _as_tensor(value, return_tensors) if key in PADDED_KEYS else value
+                    for key, value in data.items()}
+        elif single:
+            data = {key: value[0] for key, value in data.items()}
+        return BatchEncoding(data)
 
     def encode(
         self,
