@@ -93,8 +93,26 @@ def check_length_limits(config, total: int) -> None:
 # The loop
 # --------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int,
-             min_new_tokens: int = 0, do_sample: bool = False, temperature: float = 1.0,
+def _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length, min_length) -> tuple[int, int]:
+    """(max_new_tokens, min_new_tokens) from transformers' two ways of saying them."""
+    prompt_len = input_ids.shape[-1] if isinstance(input_ids, Tensor) and input_ids.dim() else 0
+    if max_new_tokens is None:
+        if max_length is None:
+            raise ValueError("generate needs max_new_tokens or max_length (which counts the prompt)")
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= prompt_len:
+            raise ValueError(f"max_length ({max_length!r}) counts the prompt and must exceed its length "
+                             f"({prompt_len}); or pass max_new_tokens")
+        max_new_tokens = max_length - prompt_len
+    if min_new_tokens is None:
+        if min_length is not None and (isinstance(min_length, bool) or not isinstance(min_length, int)):
+            raise ValueError(f"min_length must be an int; got {min_length!r}")
+        min_new_tokens = 0 if min_length is None else min(max(0, min_length - prompt_len), max_new_tokens)
+    return max_new_tokens, min_new_tokens
+
+
+def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int | None = None,
+             min_new_tokens: int | None = None, max_length: int | None = None, min_length: int | None = None,
+             do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              num_return_sequences: int = 1, generator: torch.Generator | None = None,
@@ -106,8 +124,12 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     `decode`: how each step after the prefill runs: "eager", "compile" (torch.compile fullgraph with
     `compile_backend`), "cuda_graph" (captured once per shape, replayed), or "auto" (cuda_graph on CUDA,
     eager on the CPU). Sampling draws from a seed taken from `generator` (or torch's global RNG).
+    `max_length` / `min_length` count the prompt, as in transformers (max_new_tokens / min_new_tokens
+    win when both are given); one of max_new_tokens and max_length is required.
     """
     config = model.config
+    max_new_tokens, min_new_tokens = _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length,
+                                                       min_length)
     opts = GenerationOptions(
         config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,

@@ -235,6 +235,9 @@ def test_streamer_gets_the_prompt_then_each_token(pair):
     (dict(max_new_tokens=3, eos_token_id=5000), "eos_token_id"),
     (dict(max_new_tokens=3, pad_token_id=-2), "pad_token_id"),
     (dict(max_new_tokens=3, num_return_sequences=2), "do_sample"),
+    (dict(), "generate needs max_new_tokens or max_length"),
+    (dict(max_length=2), r"max_length \(2\) counts the prompt and must exceed its length \(2\)"),
+    (dict(max_length=5, min_length=2.5), "min_length must be an int"),
 ])
 def test_bad_generation_arguments(pair, kwargs, match):
     ours, _ = pair
@@ -248,8 +251,8 @@ def test_bad_prompts(pair):
         ours.generate(torch.tensor([[5, 101]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask"):
         ours.generate(torch.tensor([[5, 6]]), torch.ones(1, 3), max_new_tokens=2)
-    with pytest.raises(TypeError):
-        ours.generate(torch.tensor([[5, 6]]))  # max_new_tokens is required
+    with pytest.raises(TypeError, match="num_beams"):
+        ours.generate(torch.tensor([[5, 6]]), max_new_tokens=2, num_beams=2)  # not supported: named
 
 
 def test_padding_is_inferred_from_pad_tokens_like_transformers(pair):
@@ -257,3 +260,14 @@ def test_padding_is_inferred_from_pad_tokens_like_transformers(pair):
     ids, mask = left_padded()
     assert torch.equal(ours.generate(ids, max_new_tokens=5), ours.generate(ids, mask, max_new_tokens=5))
     assert generation.LENGTH_LIMIT_KEYS  # the limits checked
+
+
+@pytest.mark.parametrize("limits", [dict(max_length=12), dict(max_length=12, min_length=10),
+                                    dict(max_new_tokens=4, max_length=30), dict(max_new_tokens=6, min_length=9)],
+                         ids=str)
+def test_max_and_min_length_count_the_prompt_as_transformers(pair, limits):
+    ours, theirs = pair
+    ids, mask = left_padded()
+    a = ours.generate(ids, mask, **limits)
+    b = theirs.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, eos_token_id=EOS, **limits)
+    assert torch.equal(a, b)
