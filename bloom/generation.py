@@ -92,7 +92,6 @@ def check_length_limits(config, total: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
-@torch.inference_mode()
 def _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length, min_length) -> tuple[int, int]:
     """(max_new_tokens, min_new_tokens) from transformers' two ways of saying them."""
     prompt_len = input_ids.shape[-1] if isinstance(input_ids, Tensor) and input_ids.dim() else 0
@@ -110,6 +109,7 @@ def _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length, min
     return max_new_tokens, min_new_tokens
 
 
+@torch.inference_mode()
 def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int | None = None,
              min_new_tokens: int | None = None, max_length: int | None = None, min_length: int | None = None,
              do_sample: bool = False, temperature: float = 1.0,
