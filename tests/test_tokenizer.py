@@ -561,3 +561,14 @@ def test_added_tokens_and_settable_special_ids_match_transformers(ours, ref):
         ours.add_special_tokens({"mask_token": "<m>"})
     with pytest.raises(ValueError, match="pad_token_id must be None or an id of the vocabulary"):
         ours.pad_token_id = 10**9
+
+
+@pytest.mark.parametrize("call", [
+    dict(text=PAIRS_A, truncation=True, max_length=6, stride=2, return_overflowing_tokens=True),
+    dict(text=PAIRS_A[1], truncation=True, max_length=8, stride=3, return_overflowing_tokens=True),
+    dict(text=PAIRS_A, truncation=True, max_length=7, stride=1, return_overflowing_tokens=True, padding=True,
+         return_tensors="pt"),
+    dict(text=PAIRS_A[0], truncation=True, max_length=8, return_overflowing_tokens=True),
+], ids=lambda c: f"{type(c['text']).__name__}-{c['max_length']}-{c.get('stride', 0)}-{c.get('padding', False)}")
+def test_overflowing_windows_match_transformers(ours, ref, call):
+    assert _plain(ours(**call)) == _plain(ref(**call))

@@ -102,14 +102,16 @@ def _padding_and_truncation(
     pad_id: int | None,
     pad_token: str | None,
     pad_to_multiple_of: int | None,
+    stride: int = 0,
 ):
-    """The backend padding/truncating as `_strategies` decided, for the `with` block only.
+    """The backend padding/truncating as `_strategies` decided, for the `with` block only (`stride`:
+    tokens shared by consecutive overflowing windows).
 
     The caller holds the tokenizer's lock: the backend is shared, and left with neither afterwards.
     """
     try:
         if truncate:
-            backend.enable_truncation(max_length, stride=0, strategy=truncate, direction=truncation_side)
+            backend.enable_truncation(max_length, stride=stride, strategy=truncate, direction=truncation_side)
         if pad_strategy is not None:
             backend.enable_padding(
                 direction=padding_side,

@@ -360,6 +360,8 @@ class BloomTokenizerFast:
         return_token_type_ids: bool | None = None,
         return_special_tokens_mask: bool = False,
         return_offsets_mapping: bool = False,
+        return_overflowing_tokens: bool = False,
+        stride: int = 0,
     ) -> BatchEncoding:
         """Encode a string, a batch (list) of strings, or pairs of them.
 
@@ -377,6 +379,8 @@ class BloomTokenizerFast:
             padding_side: "left" or "right" for this call (default: `self.padding_side`).
             return_tensors: None (python lists) / "pt" (torch int64) / "np" (numpy int64).
             return_token_type_ids: BLOOM's model takes none, so only when asked (0 first, 1 second).
+            return_overflowing_tokens: with truncation, what is cut becomes further rows (windows sharing
+                `stride` tokens with the previous one) and `overflow_to_sample_mapping` says whose.
         Returns:
             BatchEncoding with `input_ids`, `attention_mask` (unless return_attention_mask=False), and
             `token_type_ids`, `special_tokens_mask`, `offset_mapping`, `labels` if asked. A single string
@@ -389,7 +393,8 @@ class BloomTokenizerFast:
                        return_tensors=return_tensors, return_attention_mask=return_attention_mask,
                        return_token_type_ids=bool(return_token_type_ids),
                        return_special_tokens_mask=return_special_tokens_mask,
-                       return_offsets_mapping=return_offsets_mapping)
+                       return_offsets_mapping=return_offsets_mapping,
+                       return_overflowing_tokens=return_overflowing_tokens, stride=stride)
         inputs = None if text is None else self._encode(text, text_pair, **options)
         if text_target is None:
             return inputs
@@ -400,8 +405,11 @@ class BloomTokenizerFast:
         return inputs
 
     def _encode(self, text, text_pair, *, add_special_tokens, padding, truncation, max_length,
-                pad_to_multiple_of, padding_side, return_tensors, **returns) -> BatchEncoding:
+                pad_to_multiple_of, padding_side, return_tensors, return_overflowing_tokens, stride,
+                **returns) -> BatchEncoding:
         batch, is_batched = _text_batch(text, text_pair)
+        if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
+            raise ValueError(f"stride must be an int >= 0; got {stride!r}")
         _check_tensor_type(return_tensors)
         pad_strategy, truncate, max_length = _strategies(
             padding,
@@ -425,10 +433,19 @@ class BloomTokenizerFast:
             pad_id=self.pad_token_id,
             pad_token=self.pad_token,
             pad_to_multiple_of=pad_to_multiple_of,
+            stride=stride,
         ):
             encodings = self._tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens)
 
-        return _batch_encoding(encodings, is_batched=is_batched, return_tensors=return_tensors, **returns)
+        if not return_overflowing_tokens:
+            return _batch_encoding(encodings, is_batched=is_batched, return_tensors=return_tensors, **returns)
+        # as transformers: every window a row of its own, in order (a batch even for one string), and
+        # which input each row came from
+        windows = [(i, e) for i, encoding in enumerate(encodings) for e in [encoding, *encoding.overflowing]]
+        result = _batch_encoding([e for _, e in windows], is_batched=True, return_tensors=return_tensors, **returns)
+        mapping = [i for i, _ in windows]
+        result["overflow_to_sample_mapping"] = _as_tensor(mapping, return_tensors) if return_tensors else mapping
+        return result
 
     def pad(self, encoded_inputs, padding: bool | str = True, max_length: int | None = None,
             pad_to_multiple_of: int | None = None, padding_side: str | None = None,
