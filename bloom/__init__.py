@@ -2,6 +2,7 @@
 
 from .cache import BloomCache, CacheOverflowError
 from .config import BloomConfig
+from .generation_config import GenerationConfig
 from .heads import BloomForQuestionAnswering, BloomForSequenceClassification, BloomForTokenClassification
 from .loading import CheckpointError
 from .model import BloomForCausalLM, BloomModel
@@ -11,6 +12,7 @@ from .streaming import TextStreamer
 from .tokenization import BatchEncoding, BloomTokenizerFast
 
 __all__ = [
+    "GenerationConfig",
     "BatchEncoding",
     "BloomCache",
     "BloomConfig",

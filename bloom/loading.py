@@ -242,6 +242,12 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         model.tie_weights()
     model.config.dtype = target
     # as transformers 5 reports them: sets, shapes as torch.Size
+    if name_or_path is not None and hasattr(model, "generation_config"):
+        from .generation_config import GenerationConfig
+
+        saved = GenerationConfig.from_pretrained(name_or_path, hub, required=False)
+        if saved is not None:
+            model.generation_config = saved
     info = {"missing_keys": set(head_only), "unexpected_keys": set(),
             "mismatched_keys": {(k, torch.Size(ckpt), torch.Size(want)) for k, ckpt, want in mismatched},
             "error_msgs": []}
@@ -338,3 +344,5 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str 
     float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]
     config.dtype = str(float_dtypes[0]).removeprefix("torch.") if float_dtypes else None
     config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)

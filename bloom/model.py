@@ -23,6 +23,7 @@ import bloom_kernels as bk
 
 from .cache import BloomCache
 from .config import BloomConfig
+from .generation_config import GenerationConfig
 from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from .pretrained import BloomPreTrainedModel
 from .validation import check_forward_inputs, check_labels
@@ -286,6 +287,7 @@ class BloomForCausalLM(BloomPreTrainedModel):
         super().__init__(config)
         self.transformer = BloomModel(config)
         self.lm_head = BloomLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config = GenerationConfig.from_model_config(config)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -304,11 +306,16 @@ class BloomForCausalLM(BloomPreTrainedModel):
                                             write_position=write_position)
         return self.lm_head(hidden[:, -1]).float()
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs) -> Tensor:
-        """Prompt + new tokens; see bloom.generation.generate for the options (max_new_tokens, ...)."""
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, generation_config=None,
+                 **kwargs) -> Tensor:
+        """Prompt + new tokens; see bloom.generation.generate for the options (max_new_tokens, ...).
+        Defaults come from `generation_config` (ours, transformers' or a dict) or else the model's
+        (`model.generation_config`, read from generation_config.json); keywords win over both."""
         from .generation import generate
 
-        return generate(self, input_ids, attention_mask, **kwargs)
+        defaults = GenerationConfig.from_any(generation_config if generation_config is not None
+                                             else self.generation_config).generate_kwargs()
+        return generate(self, input_ids, attention_mask, **{**defaults, **kwargs})
 
     def forward(
         self,

@@ -271,3 +271,29 @@ def test_max_and_min_length_count_the_prompt_as_transformers(pair, limits):
     a = ours.generate(ids, mask, **limits)
     b = theirs.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=PAD, eos_token_id=EOS, **limits)
     assert torch.equal(a, b)
+
+
+def test_generation_config_from_a_transformers_checkpoint_and_as_an_argument(pair, tmp_path):
+    """generation_config.json written by transformers gives generate its defaults (same tokens as
+    transformers' generate with no arguments); a GenerationConfig (transformers' or ours) passed in
+    replaces them; keywords win; ours saves a file transformers reads."""
+    from bloom import GenerationConfig
+
+    _, theirs = pair
+    theirs.generation_config.max_new_tokens = 7
+    theirs.generation_config.repetition_penalty = 1.3
+    theirs.save_pretrained(tmp_path / "ckpt")
+    theirs.generation_config.max_new_tokens, theirs.generation_config.repetition_penalty = None, 1.0
+    ours = BloomForCausalLM.from_pretrained(tmp_path / "ckpt")
+    ids, mask = left_padded()
+    want = theirs.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=7, repetition_penalty=1.3)
+    assert torch.equal(ours.generate(ids, mask), want)
+    assert ours.generate(ids, mask, max_new_tokens=3).shape[1] == ids.shape[1] + 3  # keyword wins
+    config = transformers.GenerationConfig(max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(ours.generate(ids, mask, generation_config=config),
+                       theirs.generate(ids, attention_mask=mask, generation_config=config))
+    ours.save_pretrained(tmp_path / "again")
+    loaded = transformers.GenerationConfig.from_pretrained(tmp_path / "again")
+    assert loaded.max_new_tokens == 7 and loaded.repetition_penalty == 1.3
+    with pytest.raises(ValueError, match="does not implement: num_beams=4"):
+        ours.generate(ids, mask, generation_config=GenerationConfig(num_beams=4, max_new_tokens=3))

@@ -223,7 +223,7 @@ def test_save_replaces_a_previous_sharding(tmp_path):
     model = BloomForCausalLM(BloomConfig(**CFG))
     model.save_pretrained(tmp_path, max_shard_size="20KB")
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
     assert parse_size("5GB") == 5 * 10**9 and parse_size("200MiB") == 200 * 2**20
     with pytest.raises(ValueError, match="max_shard_size"):
         parse_size("lots")
