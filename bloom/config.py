@@ -62,6 +62,17 @@ def parse_dtype(value: Any, name: str = "torch_dtype") -> torch.dtype | str | No
     raise ValueError(f"{name} must be None, 'auto', a torch.dtype or one of {sorted(DTYPES)}; got {value!r}")
 
 
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON object in `path`; ValueError naming the file if it is not valid JSON or not an object."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
 ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"}
 
 
@@ -216,12 +227,7 @@ class BloomConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, **overrides: Any) -> "BloomConfig":
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
+        data = read_json_object(path)
         model_type = data.get("model_type", "bloom")
         if model_type != "bloom":
             raise ValueError(f"{path} describes a {model_type!r} model, not 'bloom'")

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .config import read_json_object
 from .hub import HubOptions, resolve_file
 
 GENERATION_CONFIG_NAME = "generation_config.json"
@@ -110,12 +111,4 @@ class GenerationConfig:
     def from_pretrained(cls, name_or_path, hub: HubOptions = HubOptions(), *,
                         required: bool = True) -> "GenerationConfig | None":
         path = resolve_file(name_or_path, GENERATION_CONFIG_NAME, hub, required=required)
-        if path is None:
-            return None
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
-        return cls(**data)
+        return None if path is None else cls(**read_json_object(path))

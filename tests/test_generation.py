@@ -297,3 +297,11 @@ def test_generation_config_from_a_transformers_checkpoint_and_as_an_argument(pai
     assert loaded.max_new_tokens == 7 and loaded.repetition_penalty == 1.3
     with pytest.raises(ValueError, match="does not implement: num_beams=4"):
         ours.generate(ids, mask, generation_config=GenerationConfig(num_beams=4, max_new_tokens=3))
+
+
+def test_corrupt_generation_config_file_is_named(pair, tmp_path):
+    ours, _ = pair
+    ours.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
+        BloomForCausalLM.from_pretrained(tmp_path)
