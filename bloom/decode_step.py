@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .logits import choose_tokens, process_logits
 
-MODES = ("auto", "eager", "compile", "cuda_graph")
+MODES = ("auto", "eager", "compile", "cuda_graph", "uncached")  # uncached: generate(use_cache=False)
 GUARDED_CALLS = 3  # compiled-step calls that check dynamo's guards before they are skipped
 MAX_CACHED = 2  # decoders kept per model (each holds a KV cache: B x C x layers x 2 x E)
 
@@ -104,6 +104,13 @@ class StaticDecoder:
         logits = self.model.next_token_logits(ids, self.cache, self.mask, write_position=self.position)
         self.advance(logits)
 
+    def step_uncached(self) -> None:
+        """transformers' use_cache=False: the whole sequence so far through the model, every step (slow;
+        the same tokens as the cached step)."""
+        length = int(self.position) + 1
+        logits = self.model.next_token_logits(self.tokens[:, :length], None, self.mask[:, :length])
+        self.advance(logits)
+
     def step(self) -> None:
         if self._runner is None and self.mode == "compile":
             # The first step runs eagerly: every op meets its decode shapes outside tracing, so the CPU
@@ -118,6 +125,8 @@ class StaticDecoder:
     def _build(self):
         if self.mode == "eager":
             return self.step_eager
+        if self.mode == "uncached":
+            return self.step_uncached
         if self.mode == "compile":
             build_counts["compile"] += 1
             compiled = torch.compile(self.step_eager, fullgraph=True, dynamic=False, backend=self._compile_backend)

@@ -116,7 +116,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              num_return_sequences: int = 1, generator: torch.Generator | None = None,
-             streamer: Streamer | None = None, decode: str = "auto", compile_backend="inductor") -> Tensor:
+             streamer: Streamer | None = None, decode: str = "auto", compile_backend="inductor",
+             use_cache: bool = True) -> Tensor:
     """Prompt + generated tokens (B * num_return_sequences, S + n), n <= max_new_tokens.
 
     Rows are left-padded (attention_mask 0 on the left); a row that emits eos is padded with
@@ -125,7 +126,8 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     `compile_backend`), "cuda_graph" (captured once per shape, replayed), or "auto" (cuda_graph on CUDA,
     eager on the CPU). Sampling draws from a seed taken from `generator` (or torch's global RNG).
     `max_length` / `min_length` count the prompt, as in transformers (max_new_tokens / min_new_tokens
-    win when both are given); one of max_new_tokens and max_length is required.
+    win when both are given); one of max_new_tokens and max_length is required. `use_cache=False`
+    (transformers' slow path): every step runs the whole sequence, no KV cache; the same tokens.
     """
     config = model.config
     max_new_tokens, min_new_tokens = _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length,
@@ -136,7 +138,9 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences,
     )
     device = model.device
-    mode = resolve_mode(decode, device)
+    if not use_cache and decode not in ("auto", "eager"):
+        raise ValueError(f"use_cache=False runs the uncached eager step; decode={decode!r} needs the cache")
+    mode = resolve_mode(decode if use_cache else "uncached", device)
     check_token_ids("input_ids", input_ids, config.vocab_size)
     input_ids = input_ids.to(device)
     if attention_mask is None:

@@ -22,14 +22,15 @@ from .hub import HubOptions, resolve_file
 GENERATION_CONFIG_NAME = "generation_config.json"
 
 GENERATE_KEYS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "temperature",
-                 "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences")
+                 "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences",
+                 "use_cache")
 # transformers' keys whose value here means "not used"; another value is refused by generate
 OFF_VALUES: dict[str, tuple] = {
     "num_beams": (1,), "num_beam_groups": (1,), "no_repeat_ngram_size": (0, None), "bad_words_ids": (None,),
     "forced_eos_token_id": (None,), "forced_bos_token_id": (None,), "penalty_alpha": (None,),
     "length_penalty": (1.0,), "early_stopping": (False,), "diversity_penalty": (0.0,),
     "output_scores": (False,), "output_logits": (False,), "return_dict_in_generate": (False,),
-    "use_cache": (True,), "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
+    "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
     "encoder_no_repeat_ngram_size": (0,), "prompt_lookup_num_tokens": (None,), "assistant_model": (None,),
     "output_attentions": (False, None), "output_hidden_states": (False, None), "min_p": (None,),
     "stop_strings": (None,), "max_time": (None,), "suppress_tokens": (None,), "begin_suppress_tokens": (None,),

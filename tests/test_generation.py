@@ -305,3 +305,15 @@ def test_corrupt_generation_config_file_is_named(pair, tmp_path):
     (tmp_path / "generation_config.json").write_text("{ not json")
     with pytest.raises(ValueError, match="generation_config.json is not valid JSON"):
         BloomForCausalLM.from_pretrained(tmp_path)
+
+
+def test_use_cache_false_gives_the_same_tokens_as_transformers_and_the_cached_path(pair):
+    ours, theirs = pair
+    ids, mask = left_padded()
+    slow = ours.generate(ids, mask, max_new_tokens=6, use_cache=False, repetition_penalty=1.2)
+    assert torch.equal(slow, ours.generate(ids, mask, max_new_tokens=6, repetition_penalty=1.2))
+    want = theirs.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False, repetition_penalty=1.2,
+                           do_sample=False, pad_token_id=PAD, eos_token_id=EOS)
+    assert torch.equal(slow, want)
+    with pytest.raises(ValueError, match="use_cache=False runs the uncached eager step"):
+        ours.generate(ids, mask, max_new_tokens=2, use_cache=False, decode="compile")
