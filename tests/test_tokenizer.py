@@ -557,6 +557,9 @@ def test_added_tokens_and_settable_special_ids_match_transformers(ours, ref):
     assert set(ours.all_special_tokens) <= set(ref.all_special_tokens) and "<ctx>" in ours.all_special_tokens
     ids = ours(text)["input_ids"]
     assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+    assert ours.add_special_tokens({"additional_special_tokens": ["<more>"]},
+                                   replace_additional_special_tokens=False) == 1
+    assert ours.additional_special_tokens == ["<ctx>", "<more>"]
     with pytest.raises(ValueError, match="unknown keys \\['mask_token'\\]"):
         ours.add_special_tokens({"mask_token": "<m>"})
     with pytest.raises(ValueError, match="pad_token_id must be None or an id of the vocabulary"):
@@ -572,3 +575,10 @@ def test_added_tokens_and_settable_special_ids_match_transformers(ours, ref):
 ], ids=lambda c: f"{type(c['text']).__name__}-{c['max_length']}-{c.get('stride', 0)}-{c.get('padding', False)}")
 def test_overflowing_windows_match_transformers(ours, ref, call):
     assert _plain(ours(**call)) == _plain(ref(**call))
+
+
+def test_keeping_additional_special_tokens_on_a_fresh_tokenizer(ours):
+    """transformers 4.x's replace_additional_special_tokens=False (5.x dropped the argument)."""
+    assert ours.add_special_tokens({"additional_special_tokens": ["<a1>"]},
+                                   replace_additional_special_tokens=False) == 1
+    assert ours.additional_special_tokens == ["<a1>"] and "<a1>" in ours.all_special_tokens

@@ -266,7 +266,7 @@ class BloomTokenizerFast:
             if name == "additional_special_tokens":
                 extra = [_token_str(t, name) for t in value]
                 self.add_tokens(extra, special_tokens=True)
-                kept = [] if replace_additional_special_tokens else self._additional
+                kept = [] if replace_additional_special_tokens else self.additional_special_tokens
                 self._additional = list(dict.fromkeys(kept + extra))
             else:
                 self._set_special(name, value)
