@@ -47,23 +47,17 @@ def linear_rowblock(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Te
     return y.reshape(out_features, rows).t().contiguous().view(*x.shape[:-1], out_features)
 
 
-def _gemv(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+def _gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) -> Tensor:
     # (rows, 1, K) * (1, N, K) summed over K, in fp32: inductor turns this into one loop over the weight
-    # with the rows in registers; it is never materialised.
+    # (float, or int8 converted in registers) with the rows in registers; it is never materialised. An
+    # int8 weight's scale is per output row, so it multiplies the sum, not every product.
     x2 = x.reshape(-1, weight.shape[1]).float()
     y = (x2.unsqueeze(1) * weight.float().unsqueeze(0)).sum(-1)
+    if scale is not None:
+        y = y * scale.float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
-
-
-def _int8_gemv(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
-    # the scale is per output row, so it multiplies the sum, not every product
-    x2 = x.reshape(-1, weight_int8.shape[1]).float()
-    y = (x2.unsqueeze(1) * weight_int8.float().unsqueeze(0)).sum(-1) * scale.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype).view(*x.shape[:-1], weight_int8.shape[0])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,19 +79,20 @@ def _compiled_for(fn, tensors: tuple[Tensor | None, ...]):
     return compiled
 
 
+def _run_gemv(*args: Tensor | None) -> Tensor:
+    """_gemv compiled for these shapes; inside a graph being compiled, traced as plain ops instead (the
+    outer compilation fuses it in)."""
+    return _gemv(*args) if torch.compiler.is_compiling() else _compiled_for(_gemv, args)(*args)
+
+
 def linear_gemv(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """F.linear(x, weight, bias) through the compiled multiply-and-sum (fp32 accumulation). Inside a
-    graph being compiled it is traced as plain ops: the outer compilation fuses it in."""
-    if torch.compiler.is_compiling():
-        return _gemv(x, weight, bias)
-    return _compiled_for(_gemv, (x, weight, bias))(x, weight, bias)
+    """F.linear(x, weight, bias) through the compiled multiply-and-sum (fp32 accumulation)."""
+    return _run_gemv(x, weight, None, bias)
 
 
 def int8_linear_gemv(x: Tensor, weight_int8: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
     """reference.int8_linear through the compiled multiply-and-sum on the int8 weight."""
-    if torch.compiler.is_compiling():
-        return _int8_gemv(x, weight_int8, scale, bias)
-    return _compiled_for(_int8_gemv, (x, weight_int8, scale, bias))(x, weight_int8, scale, bias)
+    return _run_gemv(x, weight_int8, scale, bias)
 
 
 # route name -> implementation, per op (cpu_routes.py measures and picks among them)

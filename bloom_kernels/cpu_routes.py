@@ -36,6 +36,7 @@ from ._tune_cache import note_tuning, tuning_cache
 ROUTE_ENV = "BLOOM_KERNELS_CPU_ROUTE"
 ROUTES = {"linear": cpu.LINEAR_ROUTES, "int8_linear": cpu.INT8_LINEAR_ROUTES}
 DEFAULT_ROUTE = {"linear": "F.linear", "int8_linear": "dequant"}
+_CHOICES = frozenset({"measure", "default"} | {name for routes in ROUTES.values() for name in routes})
 MEASURED_MAX_ROWS = 16  # decode; more rows (prefill) take the default, where MKL's GEMM is at its best
 TIMING_ROUNDS = 7       # rounds over all routes, interleaved; each route keeps its best round
 BURST_MS = 2.0          # a round repeats a fast call for at least this long and takes the mean
@@ -53,10 +54,9 @@ _picks: dict[tuple, str | None] = {}
 
 def requested() -> str:
     value = os.environ.get(ROUTE_ENV, "measure").strip() or "measure"
-    names = {name for routes in ROUTES.values() for name in routes}
-    if value not in names | {"measure", "default"}:
-        raise ValueError(f"{ROUTE_ENV} must be measure, default or a route ({', '.join(sorted(names))}); "
-                         f"got {value!r}")
+    if value not in _CHOICES:  # read on every call (tests and users switch it): the set is built once
+        routes = sorted(_CHOICES - {"measure", "default"})
+        raise ValueError(f"{ROUTE_ENV} must be measure, default or a route ({', '.join(routes)}); got {value!r}")
     return value
 
 
