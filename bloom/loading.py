@@ -14,7 +14,7 @@ import json
 import re
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -91,15 +91,12 @@ def iter_checkpoint(files: list[Path], fmt: str) -> Iterator[tuple[Path, str, Te
             del state
 
 
-def checkpoint_dtype(files: list[Path], fmt: str, config: BloomConfig) -> torch.dtype:
-    """The dtype the checkpoint was saved in: config's dtype/torch_dtype, else its first float tensor."""
-    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if declared:
-        return parse_dtype(declared)
-    for _, _, tensor in iter_checkpoint(files[:1], fmt):
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.float32
+def checkpoint_dtype(config: BloomConfig, tensors: Iterable[Tensor]) -> torch.dtype:
+    """The dtype the checkpoint was saved in: config.dtype (a torch.dtype: BloomConfig parses it), else
+    the dtype of the first float tensor of `tensors` (read lazily), else float32."""
+    if isinstance(config.dtype, torch.dtype):
+        return config.dtype
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,12 +160,8 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         tensors = None
     target = parse_dtype(dtype if dtype is not None else torch_dtype)
     if target == "auto":
-        if tensors is not None:
-            declared = config.dtype
-            floats = [t.dtype for _, _, t in tensors if t.is_floating_point()]
-            target = declared if isinstance(declared, torch.dtype) else (floats[0] if floats else None)
-        else:
-            target = checkpoint_dtype(files, fmt, config)
+        target = checkpoint_dtype(config, state_dict.values() if state_dict is not None
+                                  else (t for _, _, t in iter_checkpoint(files[:1], fmt)))
     target = target or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
 
@@ -199,10 +192,10 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         if key not in expected:
             unexpected.append(name)
             continue
-        if tuple(tensor.shape) != tuple(expected[key].shape) and ignore_mismatched_sizes:
-            mismatched.append((key, tuple(tensor.shape), tuple(expected[key].shape)))
-            continue
         if tuple(tensor.shape) != tuple(expected[key].shape):
+            if ignore_mismatched_sizes:
+                mismatched.append((key, tuple(tensor.shape), tuple(expected[key].shape)))
+                continue
             raise CheckpointError(
                 f"{path.name}: tensor {name} has shape {tuple(tensor.shape)} but the config "
                 f"({config.hidden_size=}, {config.n_head=}, {config.vocab_size=}) expects "
@@ -241,13 +234,13 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.config.dtype = target
-    # as transformers 5 reports them: sets, shapes as torch.Size
     if name_or_path is not None and hasattr(model, "generation_config"):
         from .generation_config import GenerationConfig
 
         saved = GenerationConfig.from_pretrained(name_or_path, hub, required=False)
         if saved is not None:
             model.generation_config = saved
+    # as transformers 5 reports them: sets, shapes as torch.Size
     info = {"missing_keys": set(head_only), "unexpected_keys": set(),
             "mismatched_keys": {(k, torch.Size(ckpt), torch.Size(want)) for k, ckpt, want in mismatched},
             "error_msgs": []}
