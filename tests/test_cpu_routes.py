@@ -14,7 +14,7 @@ import torch._dynamo.testing
 import bloom_kernels
 from bloom_kernels import _tune_cache, cpu, cpu_routes, reference
 
-COSTS = {"F.linear": 3.0, "rowblock": 1.0, "gemv": 2.0, "dequant": 5.0}
+COSTS = {"F.linear": 3.0, "rowblock": 1.0, "gemv": 2.0, "onednn": 4.0, "dequant": 5.0}
 
 
 @pytest.fixture
