@@ -25,7 +25,7 @@ from collections import Counter, OrderedDict
 import torch
 from torch import Tensor
 
-from .logits import choose_tokens, process_logits
+from .logits import choose_tokens, padding_lengths, process_logits, seen_tokens
 
 MODES = ("auto", "eager", "compile", "cuda_graph", "uncached")  # uncached: generate(use_cache=False)
 GUARDED_CALLS = 3  # compiled-step calls that check dynamo's guards before they are skipped
@@ -75,8 +75,7 @@ class StaticDecoder:
         self.position.fill_(prompt_len - 1)
         self.seed.copy_(seed)
         if self.seen is not None:
-            self.seen.zero_()
-            self.seen.scatter_(1, input_ids, True)
+            self.seen.copy_(seen_tokens(input_ids, self.seen.shape[1], padding_lengths(attention_mask)))
         self.cache.crop(0)
         logits = self.model.next_token_logits(input_ids, self.cache, self.mask[:, :prompt_len])
         self.advance(logits)

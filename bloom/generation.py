@@ -17,6 +17,9 @@ from torch import Tensor
 
 from .cache import CacheOverflowError
 from .decode_step import decoder_for, resolve_mode
+from .outputs import GenerateDecoderOnlyOutput
+from .processors import SearchProcessors, StoppingCriteria
+from .search import beam_search, check_beam_options, sample_search
 from .validation import check_token_ids
 
 # Config keys that, where a config has them, bound the total sequence length.
@@ -110,14 +113,18 @@ def _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length, min
 
 
 @torch.inference_mode()
-def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, max_new_tokens: int | None = None,
+def generate(model, input_ids: Tensor | None, attention_mask: Tensor | None = None, *, max_new_tokens: int | None = None,
              min_new_tokens: int | None = None, max_length: int | None = None, min_length: int | None = None,
              do_sample: bool = False, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, repetition_penalty: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              num_return_sequences: int = 1, generator: torch.Generator | None = None,
              streamer: Streamer | None = None, decode: str = "auto", compile_backend="inductor",
-             use_cache: bool = True) -> Tensor:
+             use_cache: bool = True, num_beams: int = 1, length_penalty: float = 1.0, early_stopping=False,
+             no_repeat_ngram_size: int | None = None, bad_words_ids=None, forced_eos_token_id=None,
+             logits_processor=None, stopping_criteria=None, output_scores: bool = False,
+             output_logits: bool = False, return_dict_in_generate: bool = False,
+             inputs_embeds: Tensor | None = None):
     """Prompt + generated tokens (B * num_return_sequences, S + n), n <= max_new_tokens.
 
     Rows are left-padded (attention_mask 0 on the left); a row that emits eos is padded with
@@ -128,28 +135,56 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     `max_length` / `min_length` count the prompt, as in transformers (max_new_tokens / min_new_tokens
     win when both are given); one of max_new_tokens and max_length is required. `use_cache=False`
     (transformers' slow path): every step runs the whole sequence, no KV cache; the same tokens.
+
+    transformers' other options run on the eager search loop (bloom/search.py), as transformers runs
+    them: `num_beams` > 1 (with `length_penalty`, `early_stopping`, `num_return_sequences` <= num_beams),
+    `no_repeat_ngram_size`, `bad_words_ids`, `forced_eos_token_id`, `logits_processor` and
+    `stopping_criteria` (lists of callables (input_ids, scores)), `output_scores` / `output_logits`
+    with `return_dict_in_generate=True` (a GenerateDecoderOnlyOutput, or GenerateBeamDecoderOnlyOutput
+    with `sequences_scores` and `beam_indices`), and `inputs_embeds` prompts (input_ids None; the result
+    holds the new tokens only, as transformers'). Without them nothing changes: the static step runs.
     """
     config = model.config
+    if inputs_embeds is not None:
+        input_ids = _embeds_prompt(model, input_ids, inputs_embeds, attention_mask)
+    beams = num_beams != 1
+    if beams:
+        check_beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, do_sample)
     max_new_tokens, min_new_tokens = _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length,
                                                        min_length)
     opts = GenerationOptions(
         config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,
         temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=repetition_penalty,
-        eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=num_return_sequences,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+        num_return_sequences=1 if beams else num_return_sequences,
     )
+    for name, flag in (("output_scores", output_scores), ("output_logits", output_logits),
+                       ("return_dict_in_generate", return_dict_in_generate)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool; got {flag!r}")
+    search = beams or inputs_embeds is not None or output_scores or output_logits or any(
+        v not in (None, 0) for v in (no_repeat_ngram_size, bad_words_ids, forced_eos_token_id, logits_processor,
+                                     stopping_criteria))
     device = model.device
+    if search and (not use_cache or decode not in ("auto", "eager")):
+        raise ValueError("beam search, no_repeat_ngram_size, bad_words_ids, forced_eos_token_id, logits_processor, "
+                         "stopping_criteria, output_scores/output_logits and inputs_embeds run on the eager cached "
+                         f"loop; decode={decode!r}, use_cache={use_cache!r} cannot")
     if not use_cache and decode not in ("auto", "eager"):
         raise ValueError(f"use_cache=False runs the uncached eager step; decode={decode!r} needs the cache")
     mode = resolve_mode(decode if use_cache else "uncached", device)
-    check_token_ids("input_ids", input_ids, config.vocab_size)
+    if inputs_embeds is None:
+        check_token_ids("input_ids", input_ids, config.vocab_size)
     input_ids = input_ids.to(device)
-    if attention_mask is None:
+    if attention_mask is None and inputs_embeds is not None:
+        attention_mask = torch.ones(inputs_embeds.shape[:2], dtype=torch.long, device=device)
+    elif attention_mask is None:
         # As transformers: padding is inferred from pad tokens when pad differs from eos.
         if opts.pad_id not in opts.eos_ids and bool((input_ids == opts.pad_id).any()):
             attention_mask = (input_ids != opts.pad_id).long()
         else:
             attention_mask = torch.ones_like(input_ids)
-    elif tuple(attention_mask.shape) != tuple(input_ids.shape):
+    elif inputs_embeds is None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; "
                          f"got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(device)
@@ -159,12 +194,35 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
     if opts.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(opts.num_return_sequences, 0)
         attention_mask = attention_mask.repeat_interleave(opts.num_return_sequences, 0)
+        if inputs_embeds is not None:
+            inputs_embeds = inputs_embeds.repeat_interleave(opts.num_return_sequences, 0)
     batch, prompt_len = input_ids.shape
-    total = prompt_len + opts.max_new_tokens
+    total = attention_mask.shape[1] + opts.max_new_tokens
     check_length_limits(config, total)
     # 2 x 32 bits, drawn on the CPU: the same seed gives the same tokens on every device
     seed = torch.randint(0, 2**32, (2,), generator=generator, dtype=torch.long,
                          device=generator.device if generator is not None else "cpu")
+
+    if search:
+        processors = SearchProcessors(opts, vocab_size=config.vocab_size, max_length=prompt_len + opts.max_new_tokens,
+                                      no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids,
+                                      forced_eos_token_id=forced_eos_token_id, logits_processor=logits_processor)
+        stopping = StoppingCriteria(opts.eos_ids, stopping_criteria)
+        outputs = dict(inputs_embeds=None if inputs_embeds is None else inputs_embeds.to(device, model.dtype),
+                       output_scores=output_scores, output_logits=output_logits, return_dict=return_dict_in_generate)
+        if beams:
+            if streamer is not None:
+                raise ValueError("streamer is not supported with beam search (as in transformers)")
+            return beam_search(model, input_ids, attention_mask, opts, processors, stopping, num_beams=num_beams,
+                               length_penalty=float(length_penalty), early_stopping=early_stopping,
+                               num_return_sequences=num_return_sequences, **outputs)
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+        result = sample_search(model, input_ids, attention_mask, opts, processors, stopping, seed.to(device),
+                               streamer=streamer, **outputs)
+        if streamer is not None:
+            streamer.end()
+        return result
 
     decoder = decoder_for(model, batch, total, opts, mode, compile_backend)
     if streamer is not None:
@@ -180,4 +238,21 @@ def generate(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, 
         generated += 1
     if streamer is not None:
         streamer.end()
-    return decoder.tokens[:, : prompt_len + generated].clone()
+    sequences = decoder.tokens[:, : prompt_len + generated].clone()
+    return GenerateDecoderOnlyOutput(sequences=sequences) if return_dict_in_generate else sequences
+
+
+def _embeds_prompt(model, input_ids, inputs_embeds, attention_mask) -> Tensor:
+    """The (B, 0) ids of an inputs_embeds prompt (transformers' decoder-only rule: the result then
+    holds the new tokens only), after checking the embeddings."""
+    hidden = model.config.hidden_size
+    if not isinstance(inputs_embeds, Tensor) or inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden \
+            or not inputs_embeds.is_floating_point() or inputs_embeds.shape[1] == 0:
+        got = tuple(inputs_embeds.shape) if isinstance(inputs_embeds, Tensor) else type(inputs_embeds).__name__
+        raise ValueError(f"inputs_embeds must be a float tensor (batch, seq >= 1, {hidden}); got {got}")
+    if input_ids is not None:
+        raise ValueError("pass input_ids or inputs_embeds to generate, not both")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
+        raise ValueError(f"attention_mask must have the shape of inputs_embeds' first two dims "
+                         f"{tuple(inputs_embeds.shape[:2])}; got {tuple(attention_mask.shape)}")
+    return torch.zeros((inputs_embeds.shape[0], 0), dtype=torch.long, device=inputs_embeds.device)

@@ -23,13 +23,12 @@ GENERATION_CONFIG_NAME = "generation_config.json"
 
 GENERATE_KEYS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "do_sample", "temperature",
                  "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id", "num_return_sequences",
-                 "use_cache")
+                 "use_cache", "num_beams", "length_penalty", "early_stopping", "no_repeat_ngram_size", "bad_words_ids",
+                 "forced_eos_token_id", "output_scores", "output_logits", "return_dict_in_generate")
 # transformers' keys whose value here means "not used"; another value is refused by generate
 OFF_VALUES: dict[str, tuple] = {
-    "num_beams": (1,), "num_beam_groups": (1,), "no_repeat_ngram_size": (0, None), "bad_words_ids": (None,),
-    "forced_eos_token_id": (None,), "forced_bos_token_id": (None,), "penalty_alpha": (None,),
-    "length_penalty": (1.0,), "early_stopping": (False,), "diversity_penalty": (0.0,),
-    "output_scores": (False,), "output_logits": (False,), "return_dict_in_generate": (False,),
+    "num_beam_groups": (1,), "forced_bos_token_id": (None,), "penalty_alpha": (None,),
+    "diversity_penalty": (0.0,),
     "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,),
     "encoder_no_repeat_ngram_size": (0,), "prompt_lookup_num_tokens": (None,), "assistant_model": (None,),
     "output_attentions": (False, None), "output_hidden_states": (False, None), "min_p": (None,),

@@ -21,6 +21,22 @@ def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Te
     return torch.where(seen, penalised, logits)
 
 
+def seen_tokens(tokens: Tensor, vocab_size: int, ignore_before: Tensor | None = None) -> Tensor:
+    """bool (B, V): the tokens present in each row of `tokens` (B, L), not counting positions before
+    `ignore_before` (B,) (a row's left padding: transformers 5 does not penalise it)."""
+    present = torch.ones_like(tokens, dtype=torch.int32)
+    if ignore_before is not None:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        present = (positions[None, :] >= ignore_before[:, None]).to(torch.int32)
+    counts = torch.zeros((tokens.shape[0], vocab_size), dtype=torch.int32, device=tokens.device)
+    return counts.scatter_add_(1, tokens, present) > 0
+
+
+def padding_lengths(attention_mask: Tensor) -> Tensor:
+    """Each row's left padding: the index of its first real position (transformers' rule)."""
+    return (attention_mask != 0).int().argmax(dim=1)
+
+
 def top_k_filter(logits: Tensor, k: int) -> Tensor:
     """Keep the k largest logits of each row (ties with the k-th kept), the rest -inf."""
     k = min(k, logits.shape[-1])
@@ -38,14 +54,20 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
-def process_logits(logits: Tensor, seen: Tensor | None, generated: Tensor, opts) -> Tensor:
-    """transformers' processors in transformers' order. `generated`: long () tokens made so far;
-    `opts`: a GenerationOptions."""
-    if opts.repetition_penalty != 1.0:
-        logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
+def suppress_eos_before_min(logits: Tensor, generated: Tensor | int, opts) -> Tensor:
+    """eos at -inf while fewer than opts.min_new_tokens tokens were made (transformers' min length)."""
     if opts.min_new_tokens > 0 and opts.eos_ids:
         eos = list(opts.eos_ids)
-        logits[:, eos] = logits[:, eos].masked_fill(generated < opts.min_new_tokens, float("-inf"))
+        if isinstance(generated, int):  # the eager search loop counts on the host
+            if generated < opts.min_new_tokens:
+                logits[:, eos] = float("-inf")
+        else:  # a static step: a device counter, no host sync
+            logits[:, eos] = logits[:, eos].masked_fill(generated < opts.min_new_tokens, float("-inf"))
+    return logits
+
+
+def apply_warpers(logits: Tensor, opts) -> Tensor:
+    """Sampling's temperature, top-k, top-p (transformers' warpers, last in its order)."""
     if opts.do_sample:
         if opts.temperature != 1.0:
             logits = logits / opts.temperature
@@ -54,6 +76,14 @@ def process_logits(logits: Tensor, seen: Tensor | None, generated: Tensor, opts)
         if opts.top_p is not None and opts.top_p < 1.0:
             logits = top_p_filter(logits, opts.top_p)
     return logits
+
+
+def process_logits(logits: Tensor, seen: Tensor | None, generated: Tensor, opts) -> Tensor:
+    """transformers' processors in transformers' order. `generated`: long () tokens made so far;
+    `opts`: a GenerationOptions."""
+    if opts.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, opts.repetition_penalty)
+    return apply_warpers(suppress_eos_before_min(logits, generated, opts), opts)
 
 
 _MASK32 = 0xFFFFFFFF

@@ -306,7 +306,7 @@ class BloomForCausalLM(BloomPreTrainedModel):
                                             write_position=write_position)
         return self.lm_head(hidden[:, -1]).float()
 
-    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, *, generation_config=None,
+    def generate(self, input_ids: Tensor | None = None, attention_mask: Tensor | None = None, *, generation_config=None,
                  **kwargs) -> Tensor:
         """Prompt + new tokens; see bloom.generation.generate for the options (max_new_tokens, ...).
         Defaults come from `generation_config` (ours, transformers' or a dict) or else the model's

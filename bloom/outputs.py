@@ -93,3 +93,31 @@ class QuestionAnsweringModelOutput(ModelOutput):
     end_logits: Tensor | None = None
     hidden_states: tuple[Tensor, ...] | None = None
     attentions: tuple[Tensor, ...] | None = None
+
+
+@dataclass
+class GenerateDecoderOnlyOutput(ModelOutput):
+    """generate(return_dict_in_generate=True) for greedy and sampled decoding (transformers 5's fields):
+    `scores` the processed scores of each step, `logits` the raw ones (each a tuple of (B, V) fp32),
+    `cache` the KV cache (with use_cache)."""
+    sequences: Tensor | None = None
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None
+
+
+@dataclass
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
+    """generate(num_beams > 1, return_dict_in_generate=True): `sequences_scores` the length-penalised
+    score of each returned sequence (with output_scores), `beam_indices` (B * num_return_sequences,
+    new tokens) the flat beam each token came from (-1 past the sequence's end)."""
+    sequences: Tensor | None = None
+    sequences_scores: Tensor | None = None
+    scores: tuple[Tensor, ...] | None = None
+    logits: tuple[Tensor, ...] | None = None
+    beam_indices: Tensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
+    cache: Any = None

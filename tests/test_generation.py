@@ -251,8 +251,8 @@ def test_bad_prompts(pair):
         ours.generate(torch.tensor([[5, 101]]), max_new_tokens=2)
     with pytest.raises(ValueError, match="attention_mask"):
         ours.generate(torch.tensor([[5, 6]]), torch.ones(1, 3), max_new_tokens=2)
-    with pytest.raises(TypeError, match="num_beams"):
-        ours.generate(torch.tensor([[5, 6]]), max_new_tokens=2, num_beams=2)  # not supported: named
+    with pytest.raises(TypeError, match="num_beam_groups"):
+        ours.generate(torch.tensor([[5, 6]]), max_new_tokens=2, num_beam_groups=2)  # not supported: named
 
 
 def test_padding_is_inferred_from_pad_tokens_like_transformers(pair):
@@ -295,8 +295,8 @@ def test_generation_config_from_a_transformers_checkpoint_and_as_an_argument(pai
     ours.save_pretrained(tmp_path / "again")
     loaded = transformers.GenerationConfig.from_pretrained(tmp_path / "again")
     assert loaded.max_new_tokens == 7 and loaded.repetition_penalty == 1.3
-    with pytest.raises(ValueError, match="does not implement: num_beams=4"):
-        ours.generate(ids, mask, generation_config=GenerationConfig(num_beams=4, max_new_tokens=3))
+    with pytest.raises(ValueError, match="does not implement: num_beam_groups=2"):
+        ours.generate(ids, mask, generation_config=GenerationConfig(num_beam_groups=2, max_new_tokens=3))
 
 
 def test_corrupt_generation_config_file_is_named(pair, tmp_path):
@@ -317,3 +317,28 @@ def test_use_cache_false_gives_the_same_tokens_as_transformers_and_the_cached_pa
     assert torch.equal(slow, want)
     with pytest.raises(ValueError, match="use_cache=False runs the uncached eager step"):
         ours.generate(ids, mask, max_new_tokens=2, use_cache=False, decode="compile")
+
+
+def test_repetition_penalty_skips_left_padding_as_transformers_5(pair, monkeypatch):
+    """transformers 5 penalises the tokens of each row from its first real position on: the pad token
+    of a left-padded row is not 'seen' unless it also appears after the padding."""
+    import bloom.decode_step as decode_step
+
+    ours, _ = pair
+    ids, mask = left_padded()
+    ids[0, -1] = PAD  # row 0 (no padding) holds the pad id as a real token
+    seen_at_start = []
+    real_process = decode_step.process_logits
+
+    def recording(logits, seen, generated, opts):
+        if not seen_at_start:
+            seen_at_start.append(seen.clone())
+        return real_process(logits, seen, generated, opts)
+
+    monkeypatch.setattr(decode_step, "process_logits", recording)
+    ours.generate(ids, mask, max_new_tokens=1, repetition_penalty=1.5)
+    seen = seen_at_start[0]
+    for row in range(ids.shape[0]):
+        real = set(ids[row, mask[row].bool()].tolist())
+        assert set(seen[row].nonzero().flatten().tolist()) == real
+    assert seen[0, PAD] and not seen[1:, PAD].any()
