@@ -1,7 +1,8 @@
 """The files of a tokenizer directory: what from_pretrained reads and save_pretrained writes.
 
 Files: tokenizer.json (the `tokenizers` serialization: vocabulary, merges, pre-tokenizer, decoder,
-post-processor; required), tokenizer_config.json and special_tokens_map.json (optional), found in a
+post-processor; required), tokenizer_config.json, special_tokens_map.json and chat_template.jinja
+(optional), found in a
 local directory or on the hub through `bloom.hub.resolve_file`.
 """
 
@@ -16,6 +17,7 @@ from typing import Any
 from tokenizers import Tokenizer
 
 from ..hub import HubOptions, resolve_file
+from .chat import CHAT_TEMPLATE_FILE
 from .state import SPECIAL_TOKENS_ATTRIBUTES
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -47,8 +49,18 @@ def _from_pretrained_kwargs(
             if key in SPECIAL_TOKENS_ATTRIBUTES:
                 init[key] = value
 
+    # transformers 5 keeps the chat template in its own file (4.x: the "chat_template" key)
+    template_path = resolve_file(name_or_path, CHAT_TEMPLATE_FILE, hub, required=False)
+    if template_path is not None:
+        init["chat_template"] = template_path.read_text(encoding="utf-8")
+    # transformers 5 names the additional special tokens "extra_special_tokens" (4.x: "additional_...")
+    extra = init.pop("extra_special_tokens", None)
+    if isinstance(extra, list) and "additional_special_tokens" not in init:
+        init["additional_special_tokens"] = extra
+
     # Keys of tokenizer_config.json that only mean something to transformers' loader.
-    for key in ("tokenizer_class", "tokenizer_file", "name_or_path", "special_tokens_map_file", "auto_map"):
+    for key in ("tokenizer_class", "tokenizer_file", "name_or_path", "special_tokens_map_file", "auto_map",
+                "backend", "is_local", "local_files_only"):
         init.pop(key, None)
     if not init.get("add_prefix_space"):
         # Only True re-configures the pre-tokenizer (as in transformers); otherwise tokenizer.json governs.
@@ -67,9 +79,11 @@ def _save_pretrained(
     lock: threading.Lock,
     config: dict[str, Any],
     special_tokens_map: dict[str, str],
+    chat_template: str | None = None,
 ) -> tuple[str, ...]:
-    """Write tokenizer.json (`backend`, saved under `lock`), tokenizer_config.json (`config`) and
-    special_tokens_map.json into `save_directory`; returns the paths written."""
+    """Write tokenizer.json (`backend`, saved under `lock`), tokenizer_config.json (`config`),
+    special_tokens_map.json and (when there is one) chat_template.jinja into `save_directory`; returns
+    the paths written."""
     directory = Path(save_directory)
     if directory.is_file():
         raise ValueError(f"save_directory must be a directory, {str(directory)!r} is a file")
@@ -83,7 +97,12 @@ def _save_pretrained(
     map_path = directory / SPECIAL_TOKENS_MAP_FILE
     _write_json(config_path, config)
     _write_json(map_path, special_tokens_map)
-    return (str(config_path), str(map_path), str(tokenizer_path))
+    written = (str(config_path), str(map_path), str(tokenizer_path))
+    if chat_template is not None:
+        template_path = directory / CHAT_TEMPLATE_FILE
+        template_path.write_text(chat_template, encoding="utf-8")
+        written += (str(template_path),)
+    return written
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from tokenizers import AddedToken, Tokenizer
 
 from ..hub import HubOptions
 from .encoding import BatchEncoding, _as_tensor, _batch_encoding, _check_tensor_type, _text_batch, _to_py
+from .chat import render, split_conversations, template_from_config
 from .files import TOKENIZER_FILE, _from_pretrained_kwargs, _save_pretrained
 from .rules import VERY_LARGE_INTEGER, _check_side, _padding_and_truncation, _strategies
 from .state import (
@@ -133,6 +134,8 @@ class BloomTokenizerFast:
         if not isinstance(model_max_length, int) or isinstance(model_max_length, bool) or model_max_length < 1:
             raise ValueError(f"model_max_length must be a positive int, got {model_max_length!r}")
         self.model_max_length = model_max_length
+        self.chat_template = template_from_config(kwargs.pop("chat_template", None))
+        additional = kwargs.pop("additional_special_tokens", None)
         self.init_kwargs = dict(kwargs)
 
         self._special: dict[str, str | None] = {}
@@ -146,6 +149,8 @@ class BloomTokenizerFast:
 
         if add_prefix_space is not None:
             self.add_prefix_space = add_prefix_space
+        if additional:
+            self.add_special_tokens({"additional_special_tokens": list(additional)})
 
     # ------------------------------------------------------------------ loading and saving
 
@@ -185,7 +190,10 @@ class BloomTokenizerFast:
             "padding_side": self.padding_side,
             "truncation_side": self.truncation_side,
         }
-        return _save_pretrained(save_directory, self._tokenizer, self._lock, config, self.special_tokens_map)
+        if self.additional_special_tokens:
+            config["extra_special_tokens"] = self.additional_special_tokens  # transformers 5's key
+        return _save_pretrained(save_directory, self._tokenizer, self._lock, config, self.special_tokens_map,
+                                self.chat_template)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -485,6 +493,47 @@ class BloomTokenizerFast:
         elif single:
             data = {key: value[0] for key, value in data.items()}
         return BatchEncoding(data)
+
+    def apply_chat_template(
+        self,
+        conversation,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool = False,
+        tokenize: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = True,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ):
+        """A conversation (a list of {"role", "content"} dicts, or a batch of them) rendered by the chat
+        template (`chat_template`, else the tokenizer's) as transformers 5 renders it: the text
+        (`tokenize=False`), else its encoding without added special tokens: a BatchEncoding
+        (`return_dict=True`, transformers 5's default) or the input_ids. `kwargs` become template
+        variables beside the special tokens (bos_token, ...), `messages`, `tools`, `documents` and
+        `add_generation_prompt`."""
+        template = chat_template if chat_template is not None else self.chat_template
+        if template is None:
+            raise ValueError("this tokenizer has no chat template (tokenizer.chat_template is None, no "
+                             "chat_template.jinja or tokenizer_config.json 'chat_template'); pass chat_template=")
+        if return_assistant_tokens_mask:
+            raise ValueError("return_assistant_tokens_mask ({% generation %} blocks) is not implemented")
+        conversations, batched = split_conversations(conversation)
+        variables = {**self.special_tokens_map, **kwargs}
+        texts = [render(template, messages, add_generation_prompt=add_generation_prompt,
+                        continue_final_message=continue_final_message, tools=tools, documents=documents,
+                        **variables) for messages in conversations]
+        if not tokenize:
+            return texts if batched else texts[0]
+        out = self(texts if batched else texts[0], add_special_tokens=False, padding=padding, truncation=truncation,
+                   max_length=max_length, return_tensors=return_tensors, **(tokenizer_kwargs or {}))
+        return out if return_dict else out["input_ids"]
 
     def encode(
         self,
