@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="nucleus sampling: smallest token set with probability >= P (enables sampling)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                      help="penalise tokens already present (1.0 = off, default)")
+    gen.add_argument("--num-beams", type=int, default=1, metavar="N",
+                     help="beam search over N beams (prints the best sequence at the end; default 1: off)")
+    gen.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                     help="never repeat an N-gram (default 0: off)")
     gen.add_argument("--seed", type=int, default=None, metavar="S",
                      help="random seed for sampling (reproducible output)")
     gen.add_argument("--device", default=None, metavar="D",
@@ -95,13 +99,17 @@ def run_generate(args: argparse.Namespace) -> None:
     generator = None
     if args.seed is not None:
         generator = torch.Generator(device=device).manual_seed(args.seed)
-    model.generate(
+    beams = args.num_beams != 1
+    out = model.generate(
         encoded["input_ids"], encoded["attention_mask"], max_new_tokens=args.max_new_tokens,
         min_new_tokens=args.min_new_tokens, do_sample=sample,
         temperature=1.0 if args.temperature is None else args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-        generator=generator, streamer=TextStreamer(tokenizer),
+        num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size or None,
+        generator=generator, streamer=None if beams else TextStreamer(tokenizer),
     )
+    if beams:  # the best beam is known only at the end: no streaming
+        print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,6 +42,14 @@ def test_greedy_generation_streams_the_text(model_dir, capsys):
     assert out.startswith("Hello world")
 
 
+def test_beam_search_and_no_repeat_ngrams_print_the_best_sequence(model_dir, capsys):
+    args = ["generate", str(model_dir), "Hello world", "--max-new-tokens", "6", "--num-beams", "3",
+            "--no-repeat-ngram-size", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out == expected_text(model_dir, "Hello world", max_new_tokens=6, num_beams=3, no_repeat_ngram_size=2)
+
+
 def test_sampling_with_a_seed_is_reproducible(model_dir, capsys):
     args = ["generate", str(model_dir), "Bonjour", "--max-new-tokens", "10", "--temperature", "1.3",
             "--top-k", "50", "--top-p", "0.95", "--seed", "11", "--dtype", "fp32", "--device", "cpu"]
@@ -89,5 +97,5 @@ def test_bad_arguments_exit_with_usage_error(capsys):
 def test_help_documents_every_option():
     text = build_parser()._subparsers._group_actions[0].choices["generate"].format_help()
     for option in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--device",
-                   "--dtype", "--int8", "MODEL", "PROMPT"):
+                   "--dtype", "--int8", "--num-beams", "--no-repeat-ngram-size", "MODEL", "PROMPT"):
         assert option in text
