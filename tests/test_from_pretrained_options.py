@@ -81,6 +81,16 @@ def test_device_map_on_one_device(causal_dir, device_map, expected):
     assert model.device.type == expected
 
 
+def test_device_map_meta_builds_the_model_without_weights(causal_dir):
+    """device_map="meta": every tensor on the meta device (shapes and dtypes only), the tie kept."""
+    model = bloom.BloomForCausalLM.from_pretrained(causal_dir, device_map="meta")
+    assert model.device.type == "meta"
+    assert all(t.is_meta for t in (*model.parameters(), *model.buffers()))
+    assert model.lm_head.weight is model.transformer.word_embeddings.weight
+    reference = bloom.BloomForCausalLM.from_pretrained(causal_dir)
+    assert {n: p.shape for n, p in model.named_parameters()} == {n: p.shape for n, p in reference.named_parameters()}
+
+
 def test_refusals_name_the_argument(causal_dir):
     with pytest.raises(NotImplementedError, match="device_map as a per-module dict"):
         bloom.BloomForCausalLM.from_pretrained(causal_dir, device_map={"": "cpu"})
