@@ -19,6 +19,24 @@ def triton_importable() -> bool:
 
 
 # --- random BLOOM weights and batches ----------------------------------------------------------------
+def peaked_causal_lm_pair(config: dict, noise: float, seed: int = 0):
+    """(ours, transformers') BloomForCausalLM on the same weights: transformers' random init plus
+    `noise` x N(0, 1) on every parameter, so next-token distributions are peaked (greedy is not a coin
+    toss) and still differ between beams. Needs transformers."""
+    import transformers
+
+    from bloom import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(seed)
+    theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**config)).eval()
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(noise * torch.randn_like(p))
+    ours = BloomForCausalLM(BloomConfig(**config)).eval()
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights that keep the network well conditioned (LN weights near 1)."""
     gen = torch.Generator().manual_seed(seed)

@@ -7,7 +7,7 @@ import bloom.generation as generation
 from bloom import BloomCache, BloomConfig, BloomForCausalLM, CacheOverflowError
 from bloom.decode_step import capacity_bucket
 from bloom.logits import top_k_filter, top_p_filter
-from helpers import left_padded_batch
+from helpers import left_padded_batch, peaked_causal_lm_pair
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,14 +17,7 @@ PAD, EOS = 3, 2
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**CFG)).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(0.3 * torch.randn_like(p))  # peaked distributions: greedy is not a coin toss
-    ours = BloomForCausalLM(BloomConfig(**CFG)).eval()
-    ours.load_state_dict(theirs.state_dict())
-    return ours, theirs
+    return peaked_causal_lm_pair(CFG, noise=0.3)
 
 
 def left_padded(lengths=(7, 4, 2), seed=1):

@@ -6,9 +6,8 @@ same weights (tokens, sequence scores, per-step scores), plus the refusals."""
 import pytest
 import torch
 
-from bloom import BloomConfig, BloomForCausalLM
 from bloom.outputs import GenerateBeamDecoderOnlyOutput, GenerateDecoderOnlyOutput
-from helpers import left_padded_batch
+from helpers import left_padded_batch, peaked_causal_lm_pair
 
 transformers = pytest.importorskip("transformers")
 
@@ -18,14 +17,7 @@ PAD, EOS = 3, 2
 
 @pytest.fixture(scope="module")
 def pair():
-    torch.manual_seed(0)
-    theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**CFG)).eval()
-    with torch.no_grad():
-        for p in theirs.parameters():
-            p.add_(0.25 * torch.randn_like(p))  # peaked, but not so peaked that beams never differ
-    ours = BloomForCausalLM(BloomConfig(**CFG)).eval()
-    ours.load_state_dict(theirs.state_dict())
-    return ours, theirs
+    return peaked_causal_lm_pair(CFG, noise=0.25)
 
 
 def padded(lengths=(7, 4, 2), seed=1):
