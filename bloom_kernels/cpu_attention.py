@@ -24,8 +24,9 @@ DTYPES = (torch.float32,)
 
 
 def attention_bias(slopes: Tensor, key_positions: Tensor | None, batch: int, q_len: int,
-                   key_len: int) -> tuple[Tensor, Tensor | None]:
-    """(bias (B, H, Sq, Sk) fp32, query_valid (B, 1, Sq, 1) fp32 or None when every query sees a key).
+                   key_len: int) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(bias (B, H, Sq, Sk) fp32, query_valid (B, 1, Sq, 1) bool or None when every query sees a key,
+    padded_keys (B, 1, Sk, 1) bool or None without padding).
 
     bias = slope_h * pos_j where key j is visible to query i (j <= Sk - Sq + i and not padding), the
     most negative fp32 elsewhere. Positions as reference.alibi_key_positions (-1 at padding).
@@ -44,14 +45,19 @@ def attention_bias(slopes: Tensor, key_positions: Tensor | None, batch: int, q_l
         allowed = allowed & visible_key[:, None, :]  # (B, Sq, Sk)
     hidden = torch.finfo(torch.float32).min
     bias = bias.masked_fill(~allowed[:, None], hidden)
-    query_valid = None
+    query_valid = padded_keys = None
     if visible_key is not None:
-        query_valid = allowed.any(-1)[:, None, :, None].to(torch.float32)
-    return bias, query_valid
+        query_valid = allowed.any(-1)[:, None, :, None]
+        padded_keys = ~visible_key[:, None, :, None]
+    return bias, query_valid, padded_keys
 
 
 def alibi_attention_biased(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, query_valid: Tensor | None,
-                           scale: float | None) -> Tensor:
-    """reference.alibi_attention_at's result (fp32 rounding aside) from a prebuilt `attention_bias`."""
+                           scale: float | None, padded_keys: Tensor | None = None) -> Tensor:
+    """reference.alibi_attention_at's result (fp32 rounding aside) from a prebuilt `attention_bias`.
+    Padded keys' K and V rows are zeroed and rows without a visible key selected to 0 (not multiplied):
+    a NaN or inf at a padded position must not reach a real output (NaN + bias = NaN, 0 * NaN = NaN)."""
+    if padded_keys is not None:
+        k, v = k.masked_fill(padded_keys, 0.0), v.masked_fill(padded_keys, 0.0)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
-    return out if query_valid is None else out * query_valid
+    return out if query_valid is None else torch.where(query_valid, out, 0.0)

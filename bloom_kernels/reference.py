@@ -85,7 +85,7 @@ def _attention_scores(q, k, slopes, key_positions, scale) -> Tensor:
     batch, _, q_len, head_dim = q.shape
     key_len = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.matmul(q.float(), _zero_padded_keys(k, key_positions).transpose(-1, -2)) * scale
     if key_positions is None:
         pos = alibi_positions(None, batch, key_len, q.device)
     else:
@@ -98,6 +98,15 @@ def _attention_scores(q, k, slopes, key_positions, scale) -> Tensor:
     if key_positions is not None:
         allowed = allowed & (key_positions >= 0)[:, None, None, :]
     return scores.masked_fill(~allowed, float("-inf"))
+
+
+def _zero_padded_keys(t: Tensor, key_positions: Tensor | None) -> Tensor:
+    """k or v (B, H, Sk, D) in fp32 with the rows of padded keys set to 0: whatever a padded position
+    holds (NaN, inf) must not reach a real output or gradient (0 * NaN = NaN in p·v and ds·k)."""
+    t = t.float()
+    if key_positions is None:
+        return t
+    return t.masked_fill((key_positions < 0)[:, None, :, None], 0.0)
 
 
 def _masked_softmax(scores: Tensor) -> Tensor:
@@ -124,7 +133,7 @@ def alibi_attention_at(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_posi
     """alibi_attention with the mask already turned into key positions (alibi_key_positions: fp32
     (B, Sk), -1 at padding; None = no padding)."""
     probs = _masked_softmax(_attention_scores(q, k, slopes, key_positions, scale))
-    return torch.matmul(probs, v.float()).to(q.dtype)
+    return torch.matmul(probs, _zero_padded_keys(v, key_positions)).to(q.dtype)
 
 
 def alibi_attention_probs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, attention_mask: Tensor | None = None,
@@ -138,7 +147,7 @@ def alibi_attention_probs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, atten
     probs = _masked_softmax(_attention_scores(q, k, slopes, positions, scale)).to(q.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
-    out = torch.matmul(probs.float(), v.float()).to(q.dtype)
+    out = torch.matmul(probs.float(), _zero_padded_keys(v, positions)).to(q.dtype)
     return out, probs
 
 

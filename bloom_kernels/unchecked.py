@@ -28,7 +28,8 @@ class AttentionInputs:
     slopes: Tensor                      # fp32 (H,), contiguous, on the device
     key_positions: Tensor | None        # fp32 (B, Sk): ALiBi position at tokens, -1 at padding; None = none
     bias: Tensor | None = None          # CPU route: additive ALiBi + mask (B, H, Sq, Sk); else None
-    query_valid: Tensor | None = None   # CPU route: (B, 1, Sq, 1), 0 at queries that see no key
+    query_valid: Tensor | None = None   # CPU route: bool (B, 1, Sq, 1), False at queries that see no key
+    padded_keys: Tensor | None = None   # CPU route: bool (B, 1, Sk, 1), True at padding
 
 
 def prepare_attention(slopes: Tensor, attention_mask: Tensor | None, batch: int, q_len: int, key_len: int,
@@ -37,15 +38,16 @@ def prepare_attention(slopes: Tensor, attention_mask: Tensor | None, batch: int,
     slopes = slopes.to(torch.float32).contiguous()
     positions = None if attention_mask is None else reference.alibi_key_positions(attention_mask)
     if attention_on_cpu_route(slopes, dtype):
-        bias, query_valid = cpu_attention.attention_bias(slopes, positions, batch, q_len, key_len)
-        return AttentionInputs(slopes, positions, bias, query_valid)
+        bias, query_valid, padded_keys = cpu_attention.attention_bias(slopes, positions, batch, q_len, key_len)
+        return AttentionInputs(slopes, positions, bias, query_valid, padded_keys)
     return AttentionInputs(slopes, positions)
 
 
 def alibi_attention(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float | None) -> Tensor:
     """ops.alibi_attention on prepared inputs: q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D)."""
     if inputs.bias is not None:
-        return cpu_attention.alibi_attention_biased(q, k, v, inputs.bias, inputs.query_valid, scale)
+        return cpu_attention.alibi_attention_biased(q, k, v, inputs.bias, inputs.query_valid, scale,
+                                                    inputs.padded_keys)
     positions = inputs.key_positions
     tensors = (q, k, v, inputs.slopes) if positions is None else (q, k, v, inputs.slopes, positions)
     impl = select("alibi_attention_at", tensors, q, k, v, inputs.slopes, positions, scale)

@@ -86,6 +86,24 @@ def load_tile(ptrs, rows, n_rows, cols, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.co
 
 
 @triton.jit
+def load_key_tile(ptrs, rows, n_rows, cols, pos, MASK_ROWS: tl.constexpr, HAS_MASK: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """load_tile of K or V rows; with HAS_MASK the rows of padded keys (pos < 0, which includes the
+    rows >= n_rows) read as zeros. A NaN or inf stored at a padded position then never meets a zero
+    weight (0 * NaN = NaN in p·v, do·vᵀ, ds·k) and q·k there is 0, so the -inf bias hides it exactly.
+    Predicated loads, not a select after the load: a select on the tile costs registers (spills in
+    the masked prefill variants on sm_80/sm_90)."""
+    if HAS_MASK:
+        if BLOCK_D != HEAD_DIM:
+            t = tl.load(ptrs, mask=(pos[:, None] >= 0) & (cols[None, :] < HEAD_DIM), other=0.0)
+        else:
+            t = tl.load(ptrs, mask=pos[:, None] >= 0, other=0.0)
+    else:
+        t = load_tile(ptrs, rows, n_rows, cols, MASK_ROWS, HEAD_DIM, BLOCK_D)
+    return t
+
+
+@triton.jit
 def head_slope(slopes_ptr, off_h):
     """The head's ALiBi slope in base 2 (slope * log2(e)), fp32."""
     return tl.load(slopes_ptr + off_h) * LOG2E
@@ -125,11 +143,12 @@ def key_block_scores(q, keys, pos_ptrs, start_n, offs_n, offs_d, k_end, ref, slo
     """Load the key block at start_n (K and V tiles, keys >= k_end masked when MASK_KEYS) and return
     (base-2 scores q·kᵀ * qk_scale plus the ALiBi bias, K, V)."""
     k_base, v_base, k_rel, v_rel, stride_kn, stride_vn = keys
-    k = load_tile(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_rel, offs_n, k_end, offs_d,
-                  MASK_KEYS, HEAD_DIM, BLOCK_D)
-    v = load_tile(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_rel, offs_n, k_end, offs_d,
-                  MASK_KEYS, HEAD_DIM, BLOCK_D)
-    bias = alibi_bias(key_positions(pos_ptrs, offs_n, k_end, HAS_MASK, MASK_KEYS), ref, slope2, HAS_MASK)
+    pos = key_positions(pos_ptrs, offs_n, k_end, HAS_MASK, MASK_KEYS)
+    k = load_key_tile(k_base + tl.cast(start_n, tl.int64) * stride_kn + k_rel, offs_n, k_end, offs_d, pos,
+                      MASK_KEYS, HAS_MASK, HEAD_DIM, BLOCK_D)
+    v = load_key_tile(v_base + tl.cast(start_n, tl.int64) * stride_vn + v_rel, offs_n, k_end, offs_d, pos,
+                      MASK_KEYS, HAS_MASK, HEAD_DIM, BLOCK_D)
+    bias = alibi_bias(pos, ref, slope2, HAS_MASK)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale + bias[None, :]
     return s, k, v
 

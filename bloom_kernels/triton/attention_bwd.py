@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import _attention_launch as tiles
 from ._alibi import (LOG2E, alibi_bias, head_ptr, head_slope, key_block_scores, key_positions, key_tiles,
-                     load_rows, load_tile, query_block, tile_offsets, tile_ptrs)
+                     load_key_tile, load_rows, load_tile, query_block, tile_offsets, tile_ptrs)
 from ._launch import dot_precision, empty, head_dim_block, triton_interpreting
 
 
@@ -101,10 +101,14 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     rows = tl.arange(0, BLOCK_M)
 
-    k = load_rows(k_ptr, k_strides, off_b, off_h, start_n, cols, offs_d, K_LEN, not EVEN_N, HEAD_DIM, BLOCK_D)
-    v = load_rows(v_ptr, v_strides, off_b, off_h, start_n, cols, offs_d, K_LEN, not EVEN_N, HEAD_DIM, BLOCK_D)
     pos = key_positions(pos_ptr + off_b * pos_strides[0] + offs_n * pos_strides[1], offs_n, K_LEN, HAS_MASK,
                         not EVEN_N)
+    k_rows = head_ptr(k_ptr, k_strides, off_b, off_h) + start_n.to(tl.int64) * k_strides[2]
+    v_rows = head_ptr(v_ptr, v_strides, off_b, off_h) + start_n.to(tl.int64) * v_strides[2]
+    k = load_key_tile(tile_ptrs(k_rows, cols, offs_d, k_strides), offs_n, K_LEN, offs_d, pos, not EVEN_N, HAS_MASK,
+                      HEAD_DIM, BLOCK_D)
+    v = load_key_tile(tile_ptrs(v_rows, cols, offs_d, v_strides), offs_n, K_LEN, offs_d, pos, not EVEN_N, HAS_MASK,
+                      HEAD_DIM, BLOCK_D)
     slope2 = head_slope(slopes_ptr, off_h)
     stats = (off_b * NUM_HEADS + off_h) * Q_LEN
     queries = (head_ptr(q_ptr, q_strides, off_b, off_h), head_ptr(do_ptr, do_strides, off_b, off_h),
