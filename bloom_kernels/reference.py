@@ -215,10 +215,10 @@ def quantize_int8(weight: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel absmax quantisation of a (N, K) weight.
 
     Returns (weight_int8 (N, K) int8, scale (N,) fp32) with weight ≈ weight_int8 * scale[:, None].
-    An all-zero row gets scale 0 and zeros (no division by zero).
+    An all-zero row gets scale 0 and zeros (no division by zero); so does a row of no elements (K = 0).
     """
     w = weight.detach().float()
-    absmax = w.abs().amax(dim=-1)
+    absmax = w.abs().amax(dim=-1) if w.shape[-1] else w.new_zeros(w.shape[:-1])
     scale = absmax / INT8_MAX
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / safe[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)

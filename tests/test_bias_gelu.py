@@ -108,6 +108,17 @@ def test_empty_rows(force_triton):
     assert torch.equal(bias.grad, torch.zeros(8, device=KERNEL_DEVICE))
 
 
+@pytest.mark.parametrize("shape", [(3, 0), (2, 3, 0)], ids=str)
+def test_empty_columns(force_triton, shape):
+    """Rows of no elements: empty output and gradients of the input's shape (reshape(-1, 0) of such a
+    tensor is ambiguous; the launcher must not use it)."""
+    x = torch.randn(shape, device=KERNEL_DEVICE, requires_grad=True)
+    bias = torch.randn(0, device=KERNEL_DEVICE, requires_grad=True)
+    y = ops.bias_gelu(x, bias)
+    y.backward(torch.empty_like(y))
+    assert y.shape == shape and x.grad.shape == shape and bias.grad.shape == (0,)
+
+
 def test_poison_catches_an_unwritten_output(force_triton, poisoned, monkeypatch):
     """The NaN fill is real: with the forward kernel skipped, the output is all NaN."""
     monkeypatch.setattr(kernel, "_bias_gelu_fwd_kernel", SkippedLaunch())

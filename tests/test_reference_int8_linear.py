@@ -99,3 +99,15 @@ def test_int8_linear_after_quantize_approximates_the_float_linear():
     # each weight moves by <= scale/2: |dy| <= sum_k |x_k| * scale/2
     bound = x.abs().sum(-1, keepdim=True) * scale[None, :] / 2 + 1e-5
     assert ((y - x @ w.T).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("shape", [(4, 0), (0, 4), (0, 0)], ids=str)
+def test_zero_size_weights_quantize_and_multiply(shape):
+    """A weight with no rows or no columns quantizes (int8 of its shape, scale 0 per row, as an
+    all-zero row) and the int8 product equals the float one: the bias alone when K = 0."""
+    n, k = shape
+    weight = torch.randn(shape)
+    q, scale = bloom_kernels.quantize_int8(weight)
+    assert q.shape == shape and q.dtype == torch.int8 and torch.equal(scale, torch.zeros(n))
+    x, bias = torch.randn(3, k), torch.randn(n)
+    torch.testing.assert_close(bloom_kernels.int8_linear(x, q, scale, bias), torch.nn.functional.linear(x, weight, bias))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -82,8 +83,9 @@ def head_dim_block(head_dim: int) -> int:
 
 
 def rows_2d(t: Tensor, n: int) -> Tensor:
-    """t (..., n) as an (M, n) view with unit column stride; copies only when no such view exists."""
-    t2 = t.reshape(-1, n)
+    """t (..., n) as an (M, n) view with unit column stride; copies only when no such view exists.
+    M is computed, not inferred: reshape(-1, 0) of an (M, 0) tensor is ambiguous and raises."""
+    t2 = t.reshape(math.prod(t.shape[:-1]), n)
     return t2 if n <= 1 or t2.stride(1) == 1 else t2.contiguous()
 
 
