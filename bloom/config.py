@@ -73,6 +73,22 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _int_keys(id2label) -> dict[int, Any]:
+    """id2label with int keys (JSON stores them as strings); ValueError naming it otherwise."""
+    if not isinstance(id2label, dict):
+        raise ValueError(f"BloomConfig.id2label must be a dict of label index -> name, got {type(id2label).__name__}")
+    out = {}
+    for key, name in id2label.items():
+        try:
+            index = int(key) if not isinstance(key, (bool, float)) else None
+        except (TypeError, ValueError):
+            index = None
+        if index is None or index < 0:
+            raise ValueError(f"BloomConfig.id2label keys must be label indices (ints >= 0); got key {key!r}")
+        out[index] = name
+    return out
+
+
 ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"}
 
 
@@ -107,9 +123,12 @@ class BloomConfig:
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
+        if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
+                                       or num_labels < 0):
+            raise ValueError(f"BloomConfig.num_labels must be an int >= 0, got {num_labels!r}")
         if id2label is None:
             id2label = {i: f"LABEL_{i}" for i in range(2 if num_labels is None else num_labels)}
-        self.id2label = {int(k): v for k, v in id2label.items()}  # JSON turns int keys into strings
+        self.id2label = _int_keys(id2label)  # JSON turns int keys into strings
         self.label2id = dict(label2id) if label2id is not None else {v: k for k, v in self.id2label.items()}
 
         for name, value in kwargs.items():  # keys we don't know: kept, as transformers does
@@ -184,6 +203,13 @@ class BloomConfig:
             raise ValueError(
                 f"BloomConfig.hidden_size ({self.hidden_size}) must be divisible by n_head ({self.n_head})"
             )
+        for name, default in {**BLOOM_DEFAULTS, **COMMON_DEFAULTS}.items():
+            # a flag given as a string ("False" is truthy) would silently switch a path on
+            if isinstance(default, bool) and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"BloomConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        value = self.initializer_range
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < float("inf"):
+            raise ValueError(f"BloomConfig.initializer_range must be a finite number >= 0, got {value!r}")
         for name in ("hidden_dropout", "attention_dropout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:

@@ -113,6 +113,22 @@ def test_aliases_and_overrides():
     (dict(n_layer=2.5), "n_layer"),
     (dict(vocab_size=10, eos_token_id=12), "eos_token_id"),
     (dict(n_layer=2, num_hidden_layers=3), "num_hidden_layers"),
+    # parsed, not coerced (issue 14): "False" is a truthy string, it must not switch a path on
+    (dict(slow_but_exact="False"), "slow_but_exact"),
+    (dict(apply_residual_connection_post_layernorm="no"), "apply_residual_connection_post_layernorm"),
+    (dict(use_cache="yes"), "use_cache"),
+    (dict(tie_word_embeddings=0), "tie_word_embeddings"),
+    (dict(hidden_size="64"), "hidden_size"),
+    (dict(hidden_size=float("inf")), "hidden_size"),
+    (dict(layer_norm_epsilon=float("nan")), "layer_norm_epsilon"),
+    (dict(layer_norm_epsilon="1e-5"), "layer_norm_epsilon"),
+    (dict(initializer_range=-0.1), "initializer_range"),
+    (dict(initializer_range=float("inf")), "initializer_range"),
+    (dict(num_labels=-2), "num_labels"),
+    (dict(num_labels=2.0), "num_labels"),
+    (dict(id2label={"a": "x"}), "id2label"),
+    (dict(id2label={"-1": "x"}), "id2label"),
+    (dict(id2label=["x"]), "id2label"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
