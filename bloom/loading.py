@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -83,9 +84,14 @@ def iter_checkpoint(files: list[Path], fmt: str) -> Iterator[tuple[Path, str, Te
                 raise CheckpointError(f"{path.name} is truncated or corrupt: {err}") from None
         else:
             try:
-                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                # mmap only for torch's zip format; the legacy (pre-1.6) format is read whole
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
             except Exception as err:  # any unpickling failure: corrupt, truncated, or unsafe content
                 raise CheckpointError(f"{path.name} cannot be read safely: {err}") from None
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                      for k, v in state.items()):
+                raise CheckpointError(f"{path.name} is not a state dict (a mapping of names to tensors); "
+                                      f"it holds a {type(state).__name__}")
             for name, tensor in state.items():
                 yield path, name, tensor
             del state

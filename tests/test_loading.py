@@ -121,12 +121,22 @@ def test_config_overrides_and_dtype_names(tmp_path):
         BloomForCausalLM.from_pretrained(tmp_path, torch_dtype="float8")
 
 
-def test_pytorch_bin_is_loaded_with_weights_only(tmp_path):
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pytorch_bin_is_loaded_with_weights_only(tmp_path, zip_format):
+    """torch's zip format (memory-mapped) and the legacy pre-1.6 format (read whole), both safely."""
     theirs = random_hf()
-    torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin")
+    torch.save(theirs.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=zip_format)
     theirs.config.save_pretrained(tmp_path)
     ours = BloomForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(logits(ours), logits(theirs), **ACROSS_IMPLEMENTATIONS[torch.float32])
+
+
+@pytest.mark.parametrize("content", [[torch.zeros(2)], {"word_embeddings.weight": 3}, torch.zeros(3)], ids=str)
+def test_a_bin_that_is_not_a_state_dict_is_refused_by_name(tmp_path, content):
+    BloomConfig(**CFG).save_pretrained(tmp_path)
+    torch.save(content, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pytorch_model.bin is not a state dict"):
+        BloomForCausalLM.from_pretrained(tmp_path)
 
 
 class _Exploit:
