@@ -10,6 +10,8 @@ order and rules (bloom/logits.py), so greedy output equals transformers' token f
 
 from __future__ import annotations
 
+import contextlib
+import math
 from typing import Protocol
 
 import torch
@@ -49,23 +51,27 @@ class GenerationOptions:
         positive_int("num_return_sequences", num_return_sequences, 1)
         if min_new_tokens > max_new_tokens:
             raise ValueError(f"min_new_tokens ({min_new_tokens}) > max_new_tokens ({max_new_tokens})")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0; got {temperature!r}")
+        def finite_positive(name, value):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0; got {value!r}")
+
+        if not isinstance(do_sample, bool):
+            raise ValueError(f"do_sample must be True or False; got {do_sample!r}")
+        finite_positive("temperature", temperature)
         if top_k is not None:
             positive_int("top_k", top_k, 0)
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1]; got {top_p!r}")
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0; got {repetition_penalty!r}")
+        finite_positive("repetition_penalty", repetition_penalty)
         if num_return_sequences > 1 and not do_sample:
             raise ValueError("num_return_sequences > 1 needs do_sample=True (greedy rows would be identical)")
 
-        eos = config.eos_token_id if eos_token_id is None else eos_token_id
+        eos = config.eos_token_id if eos_token_id is None else _plain_ids(eos_token_id)
         self.eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         for token in self.eos_ids:
             if not (isinstance(token, int) and 0 <= token < config.vocab_size):
                 raise ValueError(f"eos_token_id must be in [0, {config.vocab_size}); got {eos!r}")
-        pad = config.pad_token_id if pad_token_id is None else pad_token_id
+        pad = config.pad_token_id if pad_token_id is None else _plain_ids(pad_token_id)
         if pad is None:
             pad = self.eos_ids[0] if self.eos_ids else 0
         if not (isinstance(pad, int) and 0 <= pad < config.vocab_size):
@@ -81,6 +87,15 @@ class GenerationOptions:
         """What a compiled or captured step bakes in as constants."""
         return (tuple(self.eos_ids), self.pad_id, self.min_new_tokens > 0, self.do_sample, self.temperature,
                 self.top_k, self.top_p, self.repetition_penalty)
+
+
+def _plain_ids(value):
+    """Token ids given as an integer tensor (as transformers' code passes them) as Python ints."""
+    if isinstance(value, Tensor) and not value.is_floating_point() and value.dim() <= 1:
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain_ids(v) for v in value]
+    return value
 
 
 def check_length_limits(config, total: int) -> None:
@@ -184,10 +199,16 @@ def generate(model, input_ids: Tensor | None, attention_mask: Tensor | None = No
             attention_mask = (input_ids != opts.pad_id).long()
         else:
             attention_mask = torch.ones_like(input_ids)
+    elif not isinstance(attention_mask, Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor (batch, sequence) of 0/1; got "
+                        f"{type(attention_mask).__name__}")
     elif inputs_embeds is None and tuple(attention_mask.shape) != tuple(input_ids.shape):
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}; "
                          f"got {tuple(attention_mask.shape)}")
     attention_mask = attention_mask.to(device)
+    if streamer is not None and not (callable(getattr(streamer, "put", None)) and callable(getattr(streamer, "end", None))):
+        raise TypeError(f"streamer must have put(tensor) and end() methods (transformers' streamer protocol); "
+                        f"got {type(streamer).__name__}")
     if streamer is not None and input_ids.shape[0] * opts.num_return_sequences != 1:
         raise ValueError("streamer supports a single sequence (batch 1, num_return_sequences=1)")
 
@@ -213,18 +234,22 @@ def generate(model, input_ids: Tensor | None, attention_mask: Tensor | None = No
         if beams:
             if streamer is not None:
                 raise ValueError("streamer is not supported with beam search (as in transformers)")
-            return beam_search(model, input_ids, attention_mask, opts, processors, stopping, num_beams=num_beams,
-                               length_penalty=float(length_penalty), early_stopping=early_stopping,
-                               num_return_sequences=num_return_sequences, **outputs)
+            with _allocating(total, batch * num_beams):
+                return beam_search(model, input_ids, attention_mask, opts, processors, stopping,
+                                   num_beams=num_beams, length_penalty=float(length_penalty),
+                                   early_stopping=early_stopping, num_return_sequences=num_return_sequences,
+                                   **outputs)
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        result = sample_search(model, input_ids, attention_mask, opts, processors, stopping, seed.to(device),
-                               streamer=streamer, **outputs)
+        with _allocating(total, batch):
+            result = sample_search(model, input_ids, attention_mask, opts, processors, stopping, seed.to(device),
+                                   streamer=streamer, **outputs)
         if streamer is not None:
             streamer.end()
         return result
 
-    decoder = decoder_for(model, batch, total, opts, mode, compile_backend)
+    with _allocating(total, batch):
+        decoder = decoder_for(model, batch, total, opts, mode, compile_backend)
     if streamer is not None:
         streamer.put(input_ids.cpu())
     decoder.start(input_ids, attention_mask, seed.to(device))  # the prefill and the first token
@@ -240,6 +265,20 @@ def generate(model, input_ids: Tensor | None, attention_mask: Tensor | None = No
         streamer.end()
     sequences = decoder.tokens[:, : prompt_len + generated].clone()
     return GenerateDecoderOnlyOutput(sequences=sequences) if return_dict_in_generate else sequences
+
+
+@contextlib.contextmanager
+def _allocating(total: int, rows: int):
+    """An allocator failure in generate (the KV cache for `total` positions above all) as one clear
+    error naming max_new_tokens, not the allocator's raw message."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+            raise
+        raise CacheOverflowError(
+            f"generate ran out of memory for {rows} rows x (prompt + max_new_tokens = {total}) positions (the KV "
+            f"cache is allocated for all of them up front); lower max_new_tokens or the batch size") from None
 
 
 def _embeds_prompt(model, input_ids, inputs_embeds, attention_mask) -> Tensor:

@@ -66,11 +66,22 @@ def suppress_eos_before_min(logits: Tensor, generated: Tensor | int, opts) -> Te
     return logits
 
 
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """logits / temperature, as transformers; where that overflows to +inf (a temperature so small,
+    e.g. 1e-45, that every positive logit becomes +inf and their order is lost) the row is divided
+    after subtracting its max instead: the same softmax, and the argmax as the limit T -> 0."""
+    scaled = logits / temperature
+    if temperature < 1.0:  # only a division by less than 1 can overflow a finite logit
+        shifted = (logits - logits.amax(-1, keepdim=True)) / temperature
+        scaled = torch.where(torch.isposinf(scaled.amax(-1, keepdim=True)), shifted, scaled)
+    return scaled
+
+
 def apply_warpers(logits: Tensor, opts) -> Tensor:
     """Sampling's temperature, top-k, top-p (transformers' warpers, last in its order)."""
     if opts.do_sample:
         if opts.temperature != 1.0:
-            logits = logits / opts.temperature
+            logits = apply_temperature(logits, opts.temperature)
         if opts.top_k is not None and opts.top_k > 0:
             logits = top_k_filter(logits, opts.top_k)
         if opts.top_p is not None and opts.top_p < 1.0:
@@ -117,9 +128,13 @@ def uniform_per_row(seed: Tensor, step: Tensor, rows: int) -> Tensor:
 
 
 def sample(logits: Tensor, seed: Tensor, step: Tensor) -> Tensor:
-    """One token per row from softmax(logits) (filtered tokens at -inf are never drawn)."""
-    probs = logits.softmax(-1).to(torch.float64)
-    cdf = probs.cumsum(-1)  # fp64: exact enough over 250k tokens
+    """One token per row from softmax(logits) (filtered tokens at -inf are never drawn). A row whose
+    largest logit is +inf (a temperature so small that logits / T overflow) draws among its +inf
+    tokens: the limit of softmax as T -> 0, where softmax itself would give NaN."""
+    peak = logits.amax(-1, keepdim=True)
+    # exp(logits - peak): softmax before normalising (the cdf's last value normalises the draw)
+    weights = torch.where(torch.isposinf(peak), (logits == peak).to(logits.dtype), (logits - peak).exp())
+    cdf = weights.to(torch.float64).cumsum(-1)  # fp64: exact enough over 250k tokens
     target = uniform_per_row(seed, step, logits.shape[0]) * cdf[:, -1]
     # the first token whose cdf exceeds the target: a token of zero probability never does
     token = torch.searchsorted(cdf, target[:, None], right=True).squeeze(1)

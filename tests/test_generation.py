@@ -231,11 +231,46 @@ def test_streamer_gets_the_prompt_then_each_token(pair):
     (dict(), "generate needs max_new_tokens or max_length"),
     (dict(max_length=2), r"max_length \(2\) counts the prompt and must exceed its length \(2\)"),
     (dict(max_length=5, min_length=2.5), "min_length must be an int"),
+    # issue 14: never a sampling crash or a silently odd value
+    (dict(max_new_tokens=3, do_sample=True, temperature=float("inf")), "temperature must be a finite number"),
+    (dict(max_new_tokens=3, do_sample=True, temperature=float("nan")), "temperature must be a finite number"),
+    (dict(max_new_tokens=3, do_sample=True, temperature="hot"), "temperature must be a finite number"),
+    (dict(max_new_tokens=3, repetition_penalty=float("inf")), "repetition_penalty must be a finite number"),
+    (dict(max_new_tokens=3, do_sample="yes"), "do_sample must be True or False"),
+    (dict(max_new_tokens=10**12), "ran out of memory .* lower max_new_tokens"),
+    (dict(max_new_tokens=10**12, num_beams=2), "ran out of memory .* lower max_new_tokens"),
 ])
 def test_bad_generation_arguments(pair, kwargs, match):
     ours, _ = pair
     with pytest.raises(ValueError, match=match):
         ours.generate(torch.tensor([[5, 6]]), **kwargs)
+
+
+def test_tiny_temperature_samples_the_argmax_and_tensor_ids_are_taken(pair):
+    """temperature 1e-45 overflows logits / T to +inf for every positive logit: the step divides after
+    subtracting the row max instead, so sampling gives the greedy tokens (the T -> 0 limit), eager and
+    compiled alike; eos/pad ids given as tensors (as transformers' code passes them) work."""
+    ours, _ = pair
+    ids, mask = left_padded()
+    greedy = ours.generate(ids, mask, max_new_tokens=6)
+    for decode in ("eager", "compile"):
+        assert torch.equal(ours.generate(ids, mask, max_new_tokens=6, do_sample=True, temperature=1e-45,
+                                         decode=decode), greedy)
+    tensors = ours.generate(ids, mask, max_new_tokens=6, eos_token_id=torch.tensor(EOS), pad_token_id=torch.tensor(PAD))
+    assert torch.equal(tensors, greedy)
+
+
+def test_bad_prompt_and_streamer_types(pair):
+    ours, _ = pair
+    with pytest.raises(TypeError, match="attention_mask must be a torch.Tensor"):
+        ours.generate(torch.tensor([[5, 6]]), [[1, 1]], max_new_tokens=2)
+
+    class NoPut:
+        def end(self):
+            pass
+
+    with pytest.raises(TypeError, match="streamer must have put"):
+        ours.generate(torch.tensor([[5, 6]]), max_new_tokens=2, streamer=NoPut())
 
 
 def test_bad_prompts(pair):
