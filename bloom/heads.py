@@ -13,6 +13,7 @@ from .config import BloomConfig
 from .model import BloomModel
 from .outputs import QuestionAnsweringModelOutput, SequenceClassifierOutputWithPast, TokenClassifierOutput
 from .pretrained import BloomPreTrainedModel
+from .validation import check_class_labels
 
 
 def _classification_loss(config: BloomConfig, logits: Tensor, labels: Tensor) -> Tensor:
@@ -29,6 +30,7 @@ def _classification_loss(config: BloomConfig, logits: Tensor, labels: Tensor) ->
             return F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
         return F.mse_loss(logits.float(), labels.float())
     if config.problem_type == "single_label_classification":
+        check_class_labels(labels, config.num_labels, logits.shape[:-1])
         return F.cross_entropy(logits.float().view(-1, config.num_labels), labels.view(-1))
     return F.binary_cross_entropy_with_logits(logits.float(), labels.float())
 
@@ -88,6 +90,7 @@ class BloomForTokenClassification(BloomPreTrainedModel):
         logits = self.classifier(self.dropout(out.last_hidden_state))
         loss = None
         if labels is not None:
+            check_class_labels(labels, self.num_labels, logits.shape[:-1])
             loss = F.cross_entropy(logits.float().view(-1, self.num_labels), labels.to(logits.device).view(-1))
         result = TokenClassifierOutput(loss, logits, out.hidden_states, out.attentions)
         return result if return_dict else result.to_tuple()

@@ -26,7 +26,7 @@ from .config import BloomConfig
 from .generation_config import GenerationConfig
 from .outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from .pretrained import BloomPreTrainedModel
-from .validation import check_forward_inputs, check_labels
+from .validation import check_forward_inputs, check_labels, check_logits_to_keep
 
 
 class BloomLinear(nn.Linear):
@@ -336,6 +336,7 @@ class BloomForCausalLM(BloomPreTrainedModel):
         transformers' `num_items_in_batch` (summed, then divided by it: gradient accumulation) and
         `shift_labels` (labels already shifted, e.g. by a sequence-parallel trainer)."""
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        check_logits_to_keep(logits_to_keep)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         shift_labels = kwargs.pop("shift_labels", None)
         out = self.transformer(

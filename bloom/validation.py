@@ -18,6 +18,10 @@ def check_token_ids(name: str, ids: Tensor, vocab_size: int) -> None:
         raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"{name} must hold integer token ids (torch.long); got dtype {ids.dtype}")
+    if ids.dtype not in (torch.int64, torch.int32):  # what the embedding's lookup takes
+        raise TypeError(f"{name} must hold int64 (torch.long) or int32 token ids; got dtype {ids.dtype}")
+    if ids.is_meta:
+        raise ValueError(f"{name} is on the meta device (a shape without values); pass real token ids")
     if ids.dim() != 2:
         raise ValueError(f"{name} must have shape (batch, sequence); got {_shape(ids)}")
     if ids.numel() == 0:
@@ -85,3 +89,26 @@ def check_labels(labels: Tensor, expected: tuple[int, int], vocab_size: int, nam
     valid = labels[labels != -100]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= vocab_size):
         raise ValueError(f"{name} must be -100 or in [0, {vocab_size})")
+
+
+def check_class_labels(labels, num_labels: int, shape: tuple[int, ...], name: str = "labels") -> None:
+    """Class indices for a cross-entropy loss: an integer tensor of `shape` (any layout with that many
+    elements, as transformers flattens it), each -100 (ignored) or in [0, num_labels)."""
+    if not isinstance(labels, Tensor) or labels.dtype.is_floating_point or labels.dtype.is_complex \
+            or labels.dtype == torch.bool:
+        got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise TypeError(f"{name} must be an integer tensor of class indices (-100 = ignored); got {got}")
+    expected = 1
+    for size in shape:
+        expected *= size
+    if labels.numel() != expected:
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {_shape(labels)}")
+    valid = labels[labels != -100]
+    if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
+        bad = int(valid.min()) if int(valid.min()) < 0 else int(valid.max())
+        raise ValueError(f"{name} must be -100 or class indices in [0, {num_labels}); got {bad}")
+
+
+def check_logits_to_keep(value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"logits_to_keep must be an int >= 0 (0: every position); got {value!r}")

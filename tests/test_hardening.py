@@ -1,0 +1,71 @@
+"""Bad input to the model's forward and heads gets an error naming the argument, what was expected and
+what was given (issue 14), where torch's own message would name an internal argument or nothing."""
+
+import pytest
+import torch
+
+from bloom import BloomConfig, BloomForCausalLM, BloomForSequenceClassification, BloomForTokenClassification
+
+CFG = dict(vocab_size=50, hidden_size=16, n_layer=1, n_head=2, pad_token_id=0)
+IDS = torch.tensor([[5, 6, 7]])
+
+
+@pytest.fixture(scope="module")
+def models():
+    torch.manual_seed(0)
+    return (BloomForCausalLM(BloomConfig(**CFG)).eval(),
+            BloomForSequenceClassification(BloomConfig(**CFG, num_labels=3)).eval(),
+            BloomForTokenClassification(BloomConfig(**CFG, num_labels=3)).eval())
+
+
+@pytest.mark.parametrize("dtype", [torch.int16, torch.int8, torch.uint8], ids=str)
+def test_id_dtypes_other_than_int32_int64_are_named(models, dtype):
+    with pytest.raises(TypeError, match=f"input_ids must hold int64 .* or int32 token ids; got dtype {dtype}"):
+        models[0](IDS.to(dtype))
+
+
+def test_int32_ids_give_the_int64_logits(models):
+    torch.testing.assert_close(models[0](IDS.to(torch.int32)).logits, models[0](IDS).logits, rtol=0, atol=0)
+
+
+def test_meta_ids_are_named(models):
+    with pytest.raises(ValueError, match="input_ids is on the meta device"):
+        models[0](torch.zeros(1, 3, dtype=torch.long, device="meta"))
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "2"], ids=str)
+def test_logits_to_keep_must_be_a_non_negative_int(models, value):
+    with pytest.raises(ValueError, match="logits_to_keep must be an int >= 0"):
+        models[0](IDS, logits_to_keep=value)
+
+
+def test_logits_to_keep_keeps_the_last_positions(models):
+    full = models[0](IDS).logits
+    torch.testing.assert_close(models[0](IDS, logits_to_keep=2).logits, full[:, -2:], rtol=0, atol=0)
+    assert models[0](IDS, logits_to_keep=10).logits.shape == full.shape  # more than there are: all
+
+
+@pytest.mark.parametrize("head, labels, error, match", [
+    (1, torch.tensor([5]), ValueError, r"labels must be -100 or class indices in \[0, 3\); got 5"),
+    (1, torch.tensor([-2]), ValueError, r"labels must be -100 or class indices in \[0, 3\); got -2"),
+    (1, torch.tensor([[1, 2]]), ValueError, r"labels must have shape \(1,\); got \(1, 2\)"),
+    (2, torch.tensor([[1, 7, 0]]), ValueError, r"labels must be -100 or class indices in \[0, 3\); got 7"),
+    (2, torch.tensor([[1.0, 2.0, 0.0]]), TypeError, "labels must be an integer tensor of class indices"),
+    (2, torch.tensor([1, 2, 0, 1]), ValueError, r"labels must have shape \(1, 3\)"),
+], ids=str)
+def test_head_labels_are_checked(models, head, labels, error, match):
+    model = models[head]
+    model.config.problem_type = None
+    with pytest.raises(error, match=match):
+        model(IDS, labels=labels)
+
+
+def test_valid_head_labels_still_give_transformers_losses(models):
+    """-100 ignored, (B,) or (B, 1) for sequence classification: the same cross entropy as by hand."""
+    _, seq, tok = models
+    seq.config.problem_type = None
+    out = seq(IDS, labels=torch.tensor([[2]]))
+    torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([2])))
+    out = tok(IDS, labels=torch.tensor([[1, -100, 0]]))
+    want = torch.nn.functional.cross_entropy(out.logits[0, [0, 2]], torch.tensor([1, 0]))
+    torch.testing.assert_close(out.loss, want)
