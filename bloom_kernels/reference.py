@@ -202,10 +202,39 @@ def layer_norm(
     next residual stream).
     """
     h = x.float() if residual is None else x.float() + residual.float()
-    y = F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+    if h.numel() == 0 or (h.device.type == "cpu" and not torch.compiler.is_compiling() and not _overflows(h)):
+        y = F.layer_norm(h, (h.shape[-1],), weight.float(), bias.float(), eps)
+    else:
+        y = _layer_norm_scaled(h, weight, bias, eps)
+    y = y.to(x.dtype)
     if residual is None:
         return y
     return y, h.to(x.dtype)
+
+
+def _layer_norm_scaled(h: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """LayerNorm of fp32 h with each row's deviations divided by their largest magnitude s before
+    squaring: (d/s)² stays O(1) where d² overflows fp32 (|d| > ~1.8e19), and
+    rstd = rsqrt(mean((d/s)²) + eps/s²) / s is the same number. s >= sqrt(eps) keeps eps/s² finite
+    (a constant row: rstd = 1/sqrt(eps), as unscaled). s is a constant to autograd: the result does not
+    depend on it, so its derivative in d is the exact one. Used on the CPU for rows F.layer_norm cannot
+    take (LAYER_NORM_SCALED_ABOVE) and wherever checking first would cost a device sync or a graph
+    break (a GPU, where this reference is the fallback; a compiled graph, where inductor fuses it)."""
+    d = h - h.mean(-1, keepdim=True)
+    scale = d.detach().abs().amax(-1, keepdim=True).clamp(min=eps ** 0.5)
+    dn = d / scale
+    rstd = torch.rsqrt((dn * dn).mean(-1, keepdim=True) + eps / (scale * scale))
+    return dn * rstd * weight.float() + bias.float()
+
+
+# Rows past this magnitude can overflow F.layer_norm's fp32 sum of squares (N * (2|h|)^2 > 3.4e38 for
+# N in the tens of thousands): it then returns a finite but wrong row (rstd = 0) or NaN gradients.
+LAYER_NORM_SCALED_ABOVE = 2.0**50
+
+
+def _overflows(h: Tensor) -> bool:
+    """Whether any row of fp32 h is large enough to need the scaled LayerNorm (a CPU check, no sync)."""
+    return bool((h.abs().amax(-1) > LAYER_NORM_SCALED_ABOVE).any())
 
 
 # --------------------------------------------------------------------------------------------------

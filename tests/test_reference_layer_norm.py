@@ -88,3 +88,32 @@ def test_layer_norm_unbiased_variance_would_fail():
     y = reference.layer_norm(x, w, b)
     unbiased = (x.double() - x.double().mean(-1, keepdim=True)) / torch.sqrt(x.double().var(-1, keepdim=True) + 1e-5)
     assert (y.double() - unbiased).abs().max() > 10 * FP32_ATOL["layer_norm"]
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e25, 1e30], ids=str)
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_huge_rows_keep_finite_statistics(magnitude, compiled):
+    """Rows of magnitude 1e19-1e30 in fp32: the squares overflow fp32, the true LayerNorm is O(1).
+    The reference scales each row's deviations before squaring (issue 14); output and gradient equal
+    float64's, eager (F.layer_norm for ordinary rows, the scaled form for these) and compiled (always
+    the scaled form). A constant row and an ordinary row ride along."""
+    g = torch.Generator().manual_seed(7)
+    n = 96
+    x = torch.randn(4, n, generator=g)
+    x[0] *= magnitude
+    x[1] = x[1] * magnitude + 3 * magnitude  # large mean as well
+    x[2] = 2.5  # constant
+    weight, bias = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    dy = torch.randn(4, n, generator=g)
+    fn = torch.compile(reference.layer_norm, fullgraph=True) if compiled else reference.layer_norm
+    xg = x.clone().requires_grad_()
+    y = fn(xg, weight, bias)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    want = torch.nn.functional.layer_norm(x64, (n,), weight.double(), bias.double(), 1e-5)
+    want.backward(dy.double())
+    assert torch.isfinite(y).all() and torch.isfinite(xg.grad).all()
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    # gradients scale as 1/magnitude: compare relative to each row's largest
+    rel = (xg.grad.double() - x64.grad).abs().amax(-1) / x64.grad.abs().amax(-1).clamp(min=1e-300)
+    assert (rel < 1e-4).all(), rel
