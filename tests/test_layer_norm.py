@@ -272,3 +272,32 @@ def test_gpu_cuda_graph_capture_and_replay():
     refills = [dict(zip(names, _inputs(shape, dtype, seed=seed)[:4])) for seed in (7, 8)]
     check_cuda_graph(ops.layer_norm, layer_norm64, {"x": x, "weight": weight, "bias": bias, "eps": EPS, "residual": r},
                      refills, grads=names, outputs=("y", "s"), tol=TOL)
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e25, 1e30], ids=str)
+def test_huge_rows_keep_finite_statistics(force_triton, poisoned, magnitude):
+    """fp32 rows of magnitude 1e19-1e30 (issue 14): the squares overflow fp32, the LayerNorm is O(1).
+    The one-tile forward (every BLOOM width, up to 16,384) scales the deviations before squaring;
+    output, saved rstd and gradients are finite and equal float64's. A constant and an ordinary row
+    ride along."""
+    g = torch.Generator().manual_seed(11)
+    n = 96
+    x = torch.randn(4, n, generator=g)
+    x[0] *= magnitude
+    x[1] = x[1] * magnitude + 3 * magnitude
+    x[2] = 2.5
+    weight, bias, dy = (torch.randn(*s, generator=g) for s in ((n,), (n,), (4, n)))
+    x, weight, bias, dy = (t.to(KERNEL_DEVICE) for t in (x, weight, bias, dy))
+    xg = x.clone().requires_grad_()
+    y = ops.layer_norm(xg, weight, bias, EPS)
+    y.backward(dy)
+    x64 = x.double().requires_grad_()
+    want = torch.nn.functional.layer_norm(x64, (n,), weight.double(), bias.double(), EPS)
+    want.backward(dy.double())
+    _, _, _, rstd = torch.ops.bloom_kernels.layer_norm(x, weight, bias, EPS, None)
+    var = torch.var(x.double(), dim=-1, unbiased=False)
+    assert torch.isfinite(y).all() and torch.isfinite(xg.grad).all() and torch.isfinite(rstd).all()
+    torch.testing.assert_close(y.double(), want.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rstd.double(), (var + EPS).rsqrt(), rtol=1e-5, atol=0)
+    rel = (xg.grad.double() - x64.grad).abs().amax(-1) / x64.grad.abs().amax(-1)
+    assert (rel < 1e-4).all(), rel
