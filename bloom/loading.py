@@ -295,12 +295,16 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2*
 
 
 def parse_size(value: int | str) -> int:
-    if isinstance(value, int):
-        return value
-    match = _SIZE.match(value)
-    if not match:
+    """max_shard_size in bytes (> 0): an int, or a size like '5GB' / '200MB' / '1GiB'."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
         raise ValueError(f"max_shard_size must be bytes or a size like '5GB' or '200MB'; got {value!r}")
-    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    match = None if isinstance(value, int) else _SIZE.match(value)
+    if isinstance(value, str) and not match:
+        raise ValueError(f"max_shard_size must be bytes or a size like '5GB' or '200MB'; got {value!r}")
+    size = value if isinstance(value, int) else int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    if size <= 0:
+        raise ValueError(f"max_shard_size must be more than 0 bytes; got {value!r}")
+    return size
 
 
 def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str = "5GB") -> None:

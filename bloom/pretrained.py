@@ -104,6 +104,9 @@ class BloomPreTrainedModel(nn.Module):
             raise ValueError(f"attn_implementation must be one of {', '.join(map(repr, ATTN_IMPLEMENTATIONS))}; "
                              f"got {attn_implementation!r}")
         device = _device_from_map(device, device_map)
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={str(device)!r}: CUDA is not available here (torch {torch.__version__}, "
+                               f"no usable GPU); load on 'cpu' or use device_map='auto'")
         hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                          subfolder=subfolder)
         model, info = load_pretrained(cls, name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype,

@@ -69,3 +69,50 @@ def test_valid_head_labels_still_give_transformers_losses(models):
     out = tok(IDS, labels=torch.tensor([[1, -100, 0]]))
     want = torch.nn.functional.cross_entropy(out.logits[0, [0, 2]], torch.tensor([1, 0]))
     torch.testing.assert_close(out.loss, want)
+
+
+# --- tokenizer ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    from bloom import BloomTokenizerFast
+    from helpers import BLOOM_CONFIG, train_bloom_like_tokenizer, write_tokenizer_dir
+
+    directory = write_tokenizer_dir(tmp_path_factory.mktemp("tok"), train_bloom_like_tokenizer(), BLOOM_CONFIG)
+    return BloomTokenizerFast.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("call", ["decode", "batch_decode", "convert_ids_to_tokens", "convert_one"])
+@pytest.mark.parametrize("bad", [10_000, -1], ids=str)
+def test_ids_outside_the_vocabulary_are_refused_not_dropped(tokenizer, call, bad):
+    name = "ids" if call.startswith("convert") else "token_ids"
+    with pytest.raises(ValueError, match=f"{name} holds token id {bad}, outside the vocabulary"):
+        if call == "decode":
+            tokenizer.decode([5, bad])
+        elif call == "batch_decode":
+            tokenizer.batch_decode([[5], [6, bad]])
+        elif call == "convert_ids_to_tokens":
+            tokenizer.convert_ids_to_tokens([5, bad])
+        else:
+            tokenizer.convert_ids_to_tokens(bad)
+    assert tokenizer.decode([5, 6]) and tokenizer.convert_ids_to_tokens(5) is not None  # valid ids still work
+
+
+@pytest.mark.parametrize("texts", [("abc\ud800def",), (["fine", "x\udfffy"],), ("fine", "x\ud801")], ids=str)
+def test_lone_surrogates_are_named(tokenizer, texts):
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tokenizer(*texts)
+
+
+# --- saving and loading ---------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [0, -5, "0MB", True, 1.5], ids=str)
+def test_max_shard_size_must_be_positive(models, tmp_path, size):
+    with pytest.raises(ValueError, match="max_shard_size must be"):
+        models[0].save_pretrained(tmp_path, max_shard_size=size)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+@pytest.mark.parametrize("where", [dict(device="cuda"), dict(device_map="cuda:1"), dict(device_map=0)], ids=str)
+def test_cuda_without_cuda_is_one_clear_line(models, tmp_path, where):
+    models[0].save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match="CUDA is not available here"):
+        BloomForCausalLM.from_pretrained(tmp_path, **where)

@@ -334,9 +334,19 @@ class BloomTokenizerFast:
         """Id(s) -> token string(s) (byte-level symbols, e.g. "Ġworld")."""
         ids = _to_py(ids)
         if isinstance(ids, int):
+            self._check_ids([ids], "ids")
             return self._tokenizer.id_to_token(ids)
+        self._check_ids([int(i) for i in ids], "ids")
         skip = set(self.all_special_ids) if skip_special_tokens else set()
         return [self._tokenizer.id_to_token(int(i)) for i in ids if int(i) not in skip]
+
+    def _check_ids(self, ids: list[int], name: str) -> None:
+        """Every id names a token: one outside the vocabulary is an error, not silently dropped (decode)
+        or None (convert_ids_to_tokens)."""
+        size = len(self)
+        bad = next((i for i in ids if not 0 <= i < size or self._tokenizer.id_to_token(i) is None), None)
+        if bad is not None:
+            raise ValueError(f"{name} holds token id {bad}, outside the vocabulary [0, {size})")
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         decoder = self._tokenizer.decoder
@@ -443,6 +453,7 @@ class BloomTokenizerFast:
             pad_to_multiple_of=pad_to_multiple_of,
             stride=stride,
         ):
+            _check_encodable(batch)
             encodings = self._tokenizer.encode_batch(batch, add_special_tokens=add_special_tokens)
 
         if not return_overflowing_tokens:
@@ -579,6 +590,7 @@ class BloomTokenizerFast:
             token_ids = [token_ids]
         if not isinstance(token_ids, list) or not all(isinstance(i, int) for i in token_ids):
             raise TypeError(f"token_ids must be an int or a sequence of ints, got {token_ids!r:.80}")
+        self._check_ids(token_ids, "token_ids")
         text = self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
         if clean_up_tokenization_spaces is None:
             clean_up_tokenization_spaces = self.clean_up_tokenization_spaces
@@ -595,3 +607,17 @@ class BloomTokenizerFast:
         if not isinstance(sequences, list) or not all(isinstance(s, list) for s in sequences):
             raise TypeError("sequences must be a batch of id sequences (a list of lists, or a 2-D array/tensor)")
         return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
+
+
+def _check_encodable(batch: list) -> None:
+    """Every text is valid Unicode: a lone surrogate (from a bad decode('utf-8', 'surrogatepass'), say)
+    cannot be encoded to UTF-8, and `tokenizers` would reject it with a message about types."""
+    for i, item in enumerate(batch):
+        for text in (item if isinstance(item, (tuple, list)) else (item,)):
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    where = "" if len(batch) == 1 else f"text {i}: "
+                    raise ValueError(f"{where}character {text[err.start]!r} at index {err.start} is a lone "
+                                     f"surrogate, not valid Unicode text; it cannot be tokenized") from None
