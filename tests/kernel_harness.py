@@ -46,7 +46,8 @@ def attention64(q, k, v, slopes, mask=None, scale=None):
     """Dense float64 ALiBi attention. Returns (out (B,H,Sq,D), probs (B,H,Sq,Sk), has_key (B,1,Sq)).
 
     bias[b,h,i,j] = slopes[h] * pos[b,j], pos = cumsum(mask) - 1 (arange without mask); query i sits at
-    absolute position Sk - Sq + i and sees keys j <= Sk - Sq + i that are not padding. Differentiable.
+    absolute position Sk - Sq + i and sees keys j <= Sk - Sq + i that are not padding; padded keys'
+    K and V do not enter (their gradients are 0). Differentiable.
     """
     q, k, v = q.double(), k.double(), v.double()
     batch, heads, q_len, head_dim = q.shape
@@ -59,6 +60,9 @@ def attention64(q, k, v, slopes, mask=None, scale=None):
     else:
         real = mask != 0
         pos = (real.to(torch.float64).cumsum(-1) - 1.0)
+    # attention is over the real keys only: what a padded position holds (even NaN) is not part of it
+    hidden = ~real.view(batch, 1, key_len, 1)
+    k, v = k.masked_fill(hidden, 0.0), v.masked_fill(hidden, 0.0)
     bias = slopes.double().view(1, heads, 1, 1) * pos.view(batch, 1, 1, key_len)
     scores = torch.einsum("bhid,bhjd->bhij", q, k) * scale + bias  # (B, H, Sq, Sk)
     causal = torch.ones(q_len, key_len, dtype=torch.bool, device=q.device).tril(diagonal=key_len - q_len)

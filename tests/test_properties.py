@@ -147,6 +147,24 @@ def test_attention(layout, case):
                  dispatched="alibi_attention", seed=case["seed"])
 
 
+@bounded(6)
+@given(case=attention_cases(), poison=st.sampled_from([float("nan"), float("inf"), float("-inf"), 1e30]))
+def test_attention_ignores_what_padded_keys_hold(case, poison):
+    """Padding never leaks (issue 14): NaN, +-inf or huge values stored at the keys and values of
+    masked positions change no output or gradient: kernel and float64 reference both read them as
+    absent (check_kernel compares the two on the poisoned inputs)."""
+    mask = _attention_mask({**case, "mask": "holes" if case["mask"] == "none" else case["mask"]})
+    q, k, v = _attention_tensors(*(case[n] for n in ("batch", "heads", "q_len", "k_len", "head_dim", "dtype")),
+                                 "contiguous", case["seed"])
+    padded = (mask == 0)[:, None, :, None]
+    k, v = k.masked_fill(padded, poison), v.masked_fill(padded, poison)
+    slopes = bk.alibi_slopes(case["heads"], device=KERNEL_DEVICE)
+    check_kernel(bk.alibi_attention, alibi_attention64,
+                 {"q": q, "k": k, "v": v, "slopes": slopes, "mask": mask, "scale": case["scale"]},
+                 grads=("q", "k", "v") if case["grad"] else (), tol=ATTENTION_TOL, grad_tol=ATTENTION_GRAD_TOL,
+                 dispatched="alibi_attention", seed=case["seed"])
+
+
 # ------------------------------------------------------------------------------------------------
 # bias + GeLU
 # ------------------------------------------------------------------------------------------------
