@@ -148,6 +148,10 @@ class BloomCache:
         past = _layer_pairs(past)
         if not past:
             return None
+        for i, pair in enumerate(past):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and all(isinstance(t, Tensor) for t in pair)):
+                raise TypeError(f"past_key_values[{i}] must be a (key, value) pair of tensors; got "
+                                f"{type(pair).__name__}")
         first_key = past[0][0]
         if first_key.dim() == 3:
             batch_heads, head_dim, length = first_key.shape
@@ -170,6 +174,12 @@ class BloomCache:
                 "past_key_values must be a BloomCache or per-layer (key, value) tuples: key (B*H, D, L) "
                 f"and value (B*H, L, D), or both (B, H, L, D); got a key of shape {tuple(first_key.shape)}"
             )
+        key_shape = tuple(past[0][0].shape)
+        want_value = (key_shape[0], key_shape[2], key_shape[1]) if first_key.dim() == 3 else key_shape
+        for i, (key, value) in enumerate(past):  # every layer the first one's layout, keys and values alike
+            if tuple(key.shape) != key_shape or tuple(value.shape) != want_value:
+                raise ValueError(f"past_key_values[{i}]: key {tuple(key.shape)} and value {tuple(value.shape)} "
+                                 f"do not match layer 0's layout (key {key_shape}, value {want_value})")
         cache = cls(len(past), batch, n_head, head_dim, max(length, 1), dtype=first_key.dtype,
                     device=first_key.device, growable=growable)
         for i, (key, value) in enumerate(past):

@@ -61,6 +61,10 @@ def check_forward_inputs(config: BloomConfig, input_ids, inputs_embeds, attentio
             raise ValueError(f"past_key_values holds a batch of {cache.batch_size} but the input has {batch}")
         if len(cache) != config.n_layer:
             raise ValueError(f"past_key_values has {len(cache)} layers; the model has {config.n_layer}")
+        heads, head_dim = cache.keys[0].shape[1], cache.keys[0].shape[3]
+        if (heads, head_dim) != (config.n_head, config.head_dim):
+            raise ValueError(f"past_key_values holds {heads} heads of dim {head_dim}; the model has "
+                             f"{config.n_head} heads of dim {config.head_dim}")
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor):
             raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")

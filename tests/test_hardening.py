@@ -116,3 +116,45 @@ def test_cuda_without_cuda_is_one_clear_line(models, tmp_path, where):
     models[0].save_pretrained(tmp_path)
     with pytest.raises(RuntimeError, match="CUDA is not available here"):
         BloomForCausalLM.from_pretrained(tmp_path, **where)
+
+
+# --- past_key_values that do not match the model --------------------------------------------------
+@pytest.fixture(scope="module")
+def two_layers():
+    torch.manual_seed(1)
+    return BloomForCausalLM(BloomConfig(**{**CFG, "n_layer": 2})).eval()
+
+
+def _legacy(model):
+    return model(IDS, use_cache=True).past_key_values.to_legacy_cache()
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda k, v: ((k[:, :4], v[..., :4]),) * 2, ValueError, "holds 2 heads of dim 4; the model has 2 heads of dim 8"),
+    (lambda k, v: ((k, v[:, :2]),) * 2, ValueError, r"past_key_values\[0\]: key \(2, 8, 3\) and value \(2, 2, 8\)"),
+    (lambda k, v: ((k, v), (k[..., :2], v[:, :2])), ValueError, r"past_key_values\[1\]: .* do not match layer 0"),
+    (lambda k, v: ((k, v),), ValueError, "has 1 layers; the model has 2"),
+    (lambda k, v: ["a", "b"], TypeError, r"past_key_values\[0\] must be a \(key, value\) pair"),
+], ids=["head_dim", "key_value_lengths", "layers_differ", "layer_count", "not_pairs"])
+def test_mismatched_legacy_caches_are_named(two_layers, make, error, match):
+    k, v = _legacy(two_layers)[0]
+    with pytest.raises(error, match=match):
+        two_layers(torch.tensor([[8]]), past_key_values=make(k, v))
+
+
+@pytest.mark.parametrize("shape, match", [((2, 1, 4, 8), "holds 4 heads of dim 8"), ((2, 1, 2, 4), "heads of dim 4"),
+                                          ((3, 1, 2, 8), "has 3 layers"), ((2, 3, 2, 8), "holds a batch of 3")],
+                         ids=str)
+def test_mismatched_bloom_caches_are_named(two_layers, shape, match):
+    from bloom import BloomCache
+
+    layers, batch, heads, head_dim = shape
+    cache = BloomCache(layers, batch, heads, head_dim, 10, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        two_layers(torch.tensor([[8]]), past_key_values=cache)
+
+
+def test_a_matching_legacy_cache_still_continues_the_sequence(two_layers):
+    full = two_layers(torch.tensor([[5, 6, 7, 8]])).logits[:, -1]
+    step = two_layers(torch.tensor([[8]]), past_key_values=_legacy(two_layers)).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
