@@ -12,6 +12,7 @@ Shapes: B batch, S new tokens, L = past + S keys, H heads, D head dim, E hidden 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -221,6 +222,10 @@ class BloomModel(BloomPreTrainedModel):
             past_key_values = BloomCache.from_legacy_cache(past_key_values, config.n_head)
         head_mask = check_forward_inputs(config, input_ids, inputs_embeds, attention_mask,
                                          past_key_values, head_mask, self.word_embeddings.weight)
+        if self.word_embeddings.weight.dtype == torch.float64 and not self.__dict__.get("_said_float64"):
+            self.__dict__["_said_float64"] = True  # once per model, not per forward
+            warnings.warn("BloomModel in float64: LayerNorm, attention and softmax compute in fp32 at most, so "
+                          "the results carry fp32 accuracy in float64 tensors", stacklevel=2)
 
         embeds = self.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         cache = past_key_values

@@ -158,3 +158,17 @@ def test_a_matching_legacy_cache_still_continues_the_sequence(two_layers):
     full = two_layers(torch.tensor([[5, 6, 7, 8]])).logits[:, -1]
     step = two_layers(torch.tensor([[8]]), past_key_values=_legacy(two_layers)).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float64_model_says_its_accuracy_is_fp32_once(two_layers):
+    import copy
+    import warnings
+
+    model = copy.deepcopy(two_layers).double()
+    with pytest.warns(UserWarning, match="float64: .* fp32 accuracy"):
+        out = model(IDS).logits
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out.float(), two_layers(IDS).logits, rtol=1e-4, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(IDS)  # said once per model
