@@ -58,8 +58,11 @@ def read_index(path: Path) -> list[str]:
     """Shard file names of a sharded checkpoint's index, in order."""
     try:
         weight_map = json.loads(path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path.name} is not a valid checkpoint index ({err})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{path.name} is not a valid checkpoint index (weight_map must map tensor names "
+                              f"to file names; got {type(weight_map).__name__})")
     shards = sorted(set(weight_map.values()))
     for shard in shards:
         if Path(shard).name != shard:  # an index must not point outside its directory

@@ -172,3 +172,39 @@ def test_a_float64_model_says_its_accuracy_is_fp32_once(two_layers):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(IDS)  # said once per model
+
+
+# --- files that are not what they claim -----------------------------------------------------------
+def test_non_utf8_and_malformed_model_files_name_the_file(two_layers, tmp_path):
+    from bloom.loading import CheckpointError
+
+    two_layers.save_pretrained(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_bytes(b'{"hidden_size": "\xff\xfe"}')
+    with pytest.raises(ValueError, match="config.json is not UTF-8 text"):
+        BloomForCausalLM.from_pretrained(tmp_path / "m")
+    two_layers.save_pretrained(tmp_path / "s", max_shard_size="4KB")
+    index = tmp_path / "s" / "model.safetensors.index.json"
+    for content, match in ((b'{"weight_map": ', "not a valid checkpoint index"),
+                           (b"\xff\xfe{}", "not a valid checkpoint index .*utf-8"),
+                           (b'{"weight_map": [1, 2]}', "weight_map must map tensor names to file names")):
+        index.write_bytes(content)
+        with pytest.raises(CheckpointError, match=match):
+            BloomForCausalLM.from_pretrained(tmp_path / "s")
+
+
+def test_non_utf8_and_malformed_tokenizer_files_name_the_file(tmp_path):
+    from bloom import BloomTokenizerFast
+    from helpers import BLOOM_CONFIG, train_bloom_like_tokenizer, write_tokenizer_dir
+
+    backend = train_bloom_like_tokenizer()
+    cases = [("tokenizer.json", b'{"version": ', "tokenizer.json is not a valid `tokenizers` file"),
+             ("tokenizer.json", b"\xff\xfe", "tokenizer.json is not a valid `tokenizers` file"),
+             ("tokenizer_config.json", b'{"a": "\xff"}', "tokenizer_config.json is not UTF-8 text"),
+             ("tokenizer_config.json", b'{"model_max_length": "big"}', "model_max_length must be a positive number")]
+    for i, (name, content, match) in enumerate(cases):
+        directory = write_tokenizer_dir(tmp_path / str(i), backend, BLOOM_CONFIG)
+        (directory / name).write_bytes(content)
+        with pytest.raises(ValueError, match=match):
+            BloomTokenizerFast.from_pretrained(directory)
+    directory = write_tokenizer_dir(tmp_path / "float", backend, {**BLOOM_CONFIG, "model_max_length": 2048.0})
+    assert BloomTokenizerFast.from_pretrained(directory).model_max_length == 2048  # a float that is an int: taken

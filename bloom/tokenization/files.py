@@ -18,6 +18,7 @@ from tokenizers import Tokenizer
 
 from ..hub import HubOptions, resolve_file
 from .chat import CHAT_TEMPLATE_FILE
+from .rules import VERY_LARGE_INTEGER
 from .state import SPECIAL_TOKENS_ATTRIBUTES
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -65,8 +66,12 @@ def _from_pretrained_kwargs(
     if not init.get("add_prefix_space"):
         # Only True re-configures the pre-tokenizer (as in transformers); otherwise tokenizer.json governs.
         init.pop("add_prefix_space", None)
-    if init.get("model_max_length") is not None and not isinstance(init["model_max_length"], int):
-        init["model_max_length"] = int(init["model_max_length"])  # some configs store it as a float
+    limit = init.get("model_max_length")
+    if limit is not None and not isinstance(limit, int):
+        # some configs store it as a float (1e30: "no limit"); anything else is named
+        if isinstance(limit, bool) or not isinstance(limit, float) or not limit >= 1 or limit != limit:
+            raise ValueError(f"{TOKENIZER_CONFIG_FILE}: model_max_length must be a positive number; got {limit!r}")
+        init["model_max_length"] = int(limit) if limit != float("inf") else VERY_LARGE_INTEGER
     init.update(kwargs)
     init["tokenizer_file"] = str(tokenizer_path)
     init.setdefault("name_or_path", str(name_or_path))
@@ -111,6 +116,8 @@ def _read_json(path: Path) -> dict[str, Any]:
             data = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path} is not valid JSON: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, got {type(data).__name__}")
     return data

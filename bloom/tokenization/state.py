@@ -40,7 +40,11 @@ def _load_backend(
     if tokenizer_file is not None:
         if not Path(tokenizer_file).is_file():
             raise FileNotFoundError(f"tokenizer_file {str(tokenizer_file)!r} does not exist or is not a file")
-        return Tokenizer.from_file(str(tokenizer_file))
+        try:
+            return Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # tokenizers raises a bare Exception for bad JSON, bad UTF-8, bad models
+            raise ValueError(f"{Path(tokenizer_file).name} is not a valid `tokenizers` file ({tokenizer_file}): "
+                             f"{err}") from None
     if vocab_file is not None or merges_file is not None:
         raise ValueError(
             "BloomTokenizerFast is built from a tokenizer.json (tokenizer_file=...) or a tokenizers.Tokenizer "
