@@ -299,12 +299,12 @@ _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2*
 
 def parse_size(value: int | str) -> int:
     """max_shard_size in bytes (> 0): an int, or a size like '5GB' / '200MB' / '1GiB'."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if isinstance(value, str) and (match := _SIZE.match(value)):
+        size = int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+    elif isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
         raise ValueError(f"max_shard_size must be bytes or a size like '5GB' or '200MB'; got {value!r}")
-    match = None if isinstance(value, int) else _SIZE.match(value)
-    if isinstance(value, str) and not match:
-        raise ValueError(f"max_shard_size must be bytes or a size like '5GB' or '200MB'; got {value!r}")
-    size = value if isinstance(value, int) else int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
     if size <= 0:
         raise ValueError(f"max_shard_size must be more than 0 bytes; got {value!r}")
     return size

@@ -129,8 +129,9 @@ def uniform_per_row(seed: Tensor, step: Tensor, rows: int) -> Tensor:
 
 def sample(logits: Tensor, seed: Tensor, step: Tensor) -> Tensor:
     """One token per row from softmax(logits) (filtered tokens at -inf are never drawn). A row whose
-    largest logit is +inf (a temperature so small that logits / T overflow) draws among its +inf
-    tokens: the limit of softmax as T -> 0, where softmax itself would give NaN."""
+    largest logit is +inf (the model's own logits overflowed; apply_temperature keeps a tiny
+    temperature from doing it) draws among its +inf tokens, the limit of softmax, where softmax itself
+    would give NaN."""
     peak = logits.amax(-1, keepdim=True)
     # exp(logits - peak): softmax before normalising (the cdf's last value normalises the draw)
     weights = torch.where(torch.isposinf(peak), (logits == peak).to(logits.dtype), (logits - peak).exp())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -102,10 +104,7 @@ def check_class_labels(labels, num_labels: int, shape: tuple[int, ...], name: st
             or labels.dtype == torch.bool:
         got = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise TypeError(f"{name} must be an integer tensor of class indices (-100 = ignored); got {got}")
-    expected = 1
-    for size in shape:
-        expected *= size
-    if labels.numel() != expected:
+    if labels.numel() != math.prod(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}; got {_shape(labels)}")
     valid = labels[labels != -100]
     if valid.numel() and (int(valid.min()) < 0 or int(valid.max()) >= num_labels):
