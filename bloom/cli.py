@@ -2,8 +2,14 @@
 
     bloom generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                    [--repetition-penalty R] [--seed S] [--device D] [--dtype bf16|fp16|fp32] [--int8]
+    bloom parity [MODEL] [--shape S] [--dtype bf16|fp16|fp32] [--int8] [--device D] [--json FILE] ...
+                                        fused path vs reference (and transformers), per layer
+    bloom bench [MODEL] [--shape S] [--dtype ...] [--batch B ...] [--json FILE] [--plot FILE] ...
+                                        prefill latency, decode tokens/s, peak memory vs transformers
+    bloom init DIR [--shape S]          a local random-weight checkpoint + tokenizer to try the rest on
     bloom tune --model NAME [--dtype bf16|fp16] [--batch B ...] [--seq S ...] [--max-new-tokens N]
                [--backward] [--int8] [--dry-run]         (= python -m bloom_kernels.tune)
+    bloom --version
 
 Errors print one line on stderr and exit with status 1 (2 for bad command-line arguments).
 """
@@ -11,15 +17,62 @@ Errors print one line on stderr and exit with status 1 (2 for bad command-line a
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+# name, module (with add_arguments(parser) and run(args) -> exit status), one-line help
+SUBCOMMANDS = (
+    ("parity", "bloom.parity", "compare the fused path with the reference (and transformers), layer by layer"),
+    ("bench", "bloom.benchmark", "prefill latency, decode tokens/s and peak memory against transformers"),
+    ("init", "bloom.init_checkpoint", "write a random-weight checkpoint + tokenizer to a local directory"),
+)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bloom-kernels")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def resolve_device(text: str | None):
+    """`--device` as a torch.device this machine has (None: cuda if available, else cpu).
+
+    Checked when the command runs, not by argparse, so a bad value is one line (`bloom: error: ...`)
+    rather than the usage text."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text!r} is not a device: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {text!r}: bloom runs on cpu or cuda devices")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {text!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {text!r}: this machine has {count} CUDA device(s)")
+    return device
+
+
+def add_device_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, metavar="D",
+                        help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bloom", description="Run BLOOM models on bloom-kernels (Triton on GPUs, PyTorch on CPUs)."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = commands.add_parser(
         "generate",
@@ -38,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=None, metavar="T",
                      help="sampling temperature > 0 (enables sampling)")
     gen.add_argument("--top-k", type=int, default=None, metavar="K",
-                     help="sample among the K most likely tokens (enables sampling)")
+                     help="sample among the K most likely tokens (enables sampling; 0 = no top-k limit, "
+                          "as in transformers)")
     gen.add_argument("--top-p", type=float, default=None, metavar="P",
                      help="nucleus sampling: smallest token set with probability >= P (enables sampling)")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
@@ -49,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="never repeat an N-gram (default 0: off)")
     gen.add_argument("--seed", type=int, default=None, metavar="S",
                      help="random seed for sampling (reproducible output)")
-    gen.add_argument("--device", default=None, metavar="D",
-                     help="torch device, e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+    add_device_argument(gen)
     gen.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
                      help="weights/activations dtype (default: bf16 on a GPU, fp32 on the CPU)")
     gen.add_argument("--int8", action="store_true",
@@ -58,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     gen.add_argument("--local-files-only", action="store_true",
                      help="never download: use the local directory or the hub cache only")
+
+    for name, module, summary in SUBCOMMANDS:
+        command_module = importlib.import_module(module)
+        sub = commands.add_parser(name, help=summary, description=command_module.__doc__.split("\n\n")[0])
+        command_module.add_arguments(sub)
 
     from bloom_kernels import tune
 
@@ -80,9 +138,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {args.device}: CUDA is not available on this machine")
+    device = resolve_device(args.device)
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
     hub = HubOptions(revision=args.revision, local_files_only=args.local_files_only).to_kwargs()
 
@@ -117,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
+        elif args.command in {name for name, _, _ in SUBCOMMANDS}:
+            module = dict((name, module) for name, module, _ in SUBCOMMANDS)[args.command]
+            return importlib.import_module(module).run(args)
         elif args.command == "tune":
             from bloom_kernels import tune
 
