@@ -53,6 +53,12 @@ class BloomCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.length = 0  # positions filled, shared by every layer once a forward completes
         self.growable = growable
+        # True while every slot that is not a token holds zeros or what the model wrote there: on the CPU
+        # attention route the model writes a padded position's key/value as zeros (unchecked.
+        # zero_padded_new; the kernels and the reference mask padded keys as they read them instead), and
+        # new buffers are zeros. Then the CPU route need not copy the cache to mask its padded slots in
+        # every layer of every step. False for a cache filled from outside.
+        self.padding_zeroed = True
 
     # --- shape ------------------------------------------------------------------------------------
     @property
@@ -187,6 +193,7 @@ class BloomCache:
             cache.keys[i][:, :, :length] = k
             cache.values[i][:, :, :length] = v
         cache.length = length
+        cache.padding_zeroed = False  # the caller's tensors: their padded slots may hold anything
         return cache
 
 

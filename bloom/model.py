@@ -90,6 +90,7 @@ class BloomAttention(nn.Module):
         batch, seq, _ = x.shape
         fused = self.query_key_value(x).view(batch, seq, self.num_heads, 3, self.head_dim)
         q, k, v = (fused[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, S, D) strided views
+        k, v = bk.unchecked.zero_padded_new(k, v, shared.attention)
         if cache is not None:
             # (B, H, L, D) views of the cache; a static step attends over the whole capacity
             k, v = cache.update(self.layer_idx, k, v, at=shared.write_position)
@@ -256,8 +257,9 @@ class BloomModel(BloomPreTrainedModel):
             key_len = cache.length + seq
         else:
             key_len = seq
-        attention = bk.unchecked.prepare_attention(self.alibi_slopes(embeds.device), attention_mask, batch,
-                                                   seq, key_len, embeds.dtype)
+        attention = bk.unchecked.prepare_attention(
+            self.alibi_slopes(embeds.device), attention_mask, batch, seq, key_len, embeds.dtype,
+            new_slots=write_position, cached_padding_zeroed=cache is None or cache.padding_zeroed)
         shared = LayerInputs(attention, attention_mask, write_position)
         ln = self.word_embeddings_layernorm
         delta = bk.unchecked.layer_norm(embeds, ln.weight, ln.bias, ln.eps)

@@ -30,17 +30,37 @@ class AttentionInputs:
     bias: Tensor | None = None          # CPU route: additive ALiBi + mask (B, H, Sq, Sk); else None
     query_valid: Tensor | None = None   # CPU route: bool (B, 1, Sq, 1), False at queries that see no key
     padded_keys: Tensor | None = None   # CPU route: bool (B, 1, Sk, 1), True at padding
+    padded_new: Tensor | None = None    # CPU route: bool (B, 1, Sq, 1), True where a new key is padding
 
 
 def prepare_attention(slopes: Tensor, attention_mask: Tensor | None, batch: int, q_len: int, key_len: int,
-                      dtype: torch.dtype) -> AttentionInputs:
-    """Once per forward: attention_mask (B, Sk) or None; q/k/v will be (B, H, Sq|Sk, D) in `dtype`."""
+                      dtype: torch.dtype, *, new_slots: Tensor | None = None,
+                      cached_padding_zeroed: bool = False) -> AttentionInputs:
+    """Once per forward: attention_mask (B, Sk) or None; q/k/v will be (B, H, Sq|Sk, D) in `dtype`.
+
+    The new keys sit at `new_slots` (long (Sq,), a static decode step) or at the last Sq positions.
+    `cached_padding_zeroed`: the keys/values before them hold zeros at every padded slot (a BloomCache
+    the model filled through `zero_padded_new`), so the CPU route masks only the new ones, once, instead
+    of copying the whole cache in every layer of every step."""
     slopes = slopes.to(torch.float32).contiguous()
     positions = None if attention_mask is None else reference.alibi_key_positions(attention_mask)
     if attention_on_cpu_route(slopes, dtype):
         bias, query_valid, padded_keys = cpu_attention.attention_bias(slopes, positions, batch, q_len, key_len)
-        return AttentionInputs(slopes, positions, bias, query_valid, padded_keys)
+        padded_new = None
+        if padded_keys is not None:
+            padded_new = padded_keys[:, :, -q_len:] if new_slots is None else padded_keys.index_select(2, new_slots)
+            if cached_padding_zeroed:
+                padded_keys = None
+        return AttentionInputs(slopes, positions, bias, query_valid, padded_keys, padded_new)
     return AttentionInputs(slopes, positions)
+
+
+def zero_padded_new(k: Tensor, v: Tensor, inputs: AttentionInputs) -> tuple[Tensor, Tensor]:
+    """The new keys/values (B, H, Sq, D) with padded positions zeroed where the CPU route needs it
+    (before they are cached): what a padded position holds must never reach a real output."""
+    if inputs.padded_new is None:
+        return k, v
+    return k.masked_fill(inputs.padded_new, 0.0), v.masked_fill(inputs.padded_new, 0.0)
 
 
 def alibi_attention(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float | None) -> Tensor:
