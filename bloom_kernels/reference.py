@@ -80,24 +80,35 @@ def alibi_key_positions(attention_mask: Tensor) -> Tensor:
     return torch.where(attention_mask != 0, pos, -1.0)
 
 
-def _attention_scores(q, k, slopes, key_positions, scale) -> Tensor:
-    """fp32 scores (B, H, Sq, Sk) with ALiBi bias, causal mask and key padding applied (-inf)."""
+def _attention_scores(q, k, slopes, key_positions, scale) -> tuple[Tensor, Tensor]:
+    """(scores (B, H, Sq, Sk) fp32 with ALiBi bias, causal mask and key padding applied (-inf), each
+    query row divided by 2^shift; shift (B, H, Sq, 1) int). `_masked_softmax` multiplies the shift back
+    after subtracting the row max.
+
+    Why: q·k overflows fp32 once |q|·|k| passes ~1e18 per element (and inf - inf is NaN), though the
+    softmax of such scores is finite. Each query row is scaled by a power of two (exact, so ordinary
+    inputs get the very same rounding) so that |q'| < 2^-(1 + log2 D): then |q'·k| < max|k| / 2."""
     batch, _, q_len, head_dim = q.shape
     key_len = k.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
-    scores = torch.matmul(q.float(), _zero_padded_keys(k, key_positions).transpose(-1, -2)) * scale
+    q = q.float()
+    with torch.no_grad():
+        _, exponent = torch.frexp(q.abs().amax(-1, keepdim=True))  # max|q_row| < 2^exponent
+        shift = (exponent + 1 + math.ceil(math.log2(max(head_dim, 1)))).clamp(min=0)
+        down = torch.ldexp(torch.ones_like(q[..., :1]), -shift)
+    scores = torch.matmul(q * down, _zero_padded_keys(k, key_positions).transpose(-1, -2)) * scale
     if key_positions is None:
         pos = alibi_positions(None, batch, key_len, q.device)
     else:
         pos = key_positions.float().clamp(min=0)
-    scores = scores + slopes.float().view(1, -1, 1, 1) * pos[:, None, None, :]
+    scores = scores + slopes.float().view(1, -1, 1, 1) * pos[:, None, None, :] * down
     # Queries are aligned to the END of the keys: query i is at absolute position Sk - Sq + i.
     q_abs = torch.arange(key_len - q_len, key_len, device=q.device)
     allowed = torch.arange(key_len, device=q.device)[None, :] <= q_abs[:, None]  # (Sq, Sk)
     allowed = allowed[None, None]
     if key_positions is not None:
         allowed = allowed & (key_positions >= 0)[:, None, None, :]
-    return scores.masked_fill(~allowed, float("-inf"))
+    return scores.masked_fill(~allowed, float("-inf")), shift
 
 
 def _zero_padded_keys(t: Tensor, key_positions: Tensor | None) -> Tensor:
@@ -109,11 +120,18 @@ def _zero_padded_keys(t: Tensor, key_positions: Tensor | None) -> Tensor:
     return t.masked_fill((key_positions < 0)[:, None, :, None], 0.0)
 
 
-def _masked_softmax(scores: Tensor) -> Tensor:
-    """Softmax over keys; a row with no visible key (a padded query) gets all-zero weights."""
-    probs = torch.softmax(scores, dim=-1)
+def _masked_softmax(scores: Tensor, shift: Tensor) -> Tensor:
+    """Softmax over keys of scores * 2^shift (see _attention_scores); a row with no visible key (a
+    padded query) gets all-zero weights."""
+    top = scores.amax(-1, keepdim=True)
     # Only rows where every key is hidden are zeroed: a NaN/inf coming from the inputs stays visible.
-    return probs.masked_fill(torch.isneginf(scores).all(dim=-1, keepdim=True), 0.0)
+    hidden_row = torch.isneginf(top)
+    half = shift // 2  # 2^shift itself may pass fp32's range (shift <= 137): multiply in two steps
+    up_a = torch.ldexp(torch.ones_like(top), half)
+    up_b = torch.ldexp(torch.ones_like(top), shift - half)
+    weights = torch.exp((scores - top.masked_fill(hidden_row, 0.0)) * up_a * up_b)
+    probs = weights / weights.sum(-1, keepdim=True)
+    return probs.masked_fill(hidden_row, 0.0)
 
 
 def alibi_attention(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, attention_mask: Tensor | None = None,
@@ -132,7 +150,7 @@ def alibi_attention_at(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, key_posi
                        scale: float | None = None) -> Tensor:
     """alibi_attention with the mask already turned into key positions (alibi_key_positions: fp32
     (B, Sk), -1 at padding; None = no padding)."""
-    probs = _masked_softmax(_attention_scores(q, k, slopes, key_positions, scale))
+    probs = _masked_softmax(*_attention_scores(q, k, slopes, key_positions, scale))
     return torch.matmul(probs, _zero_padded_keys(v, key_positions)).to(q.dtype)
 
 
@@ -144,7 +162,7 @@ def alibi_attention_probs(q: Tensor, k: Tensor, v: Tensor, slopes: Tensor, atten
     uses, so under the same RNG seed both drop the same entries. Returns (out, probs).
     """
     positions = None if attention_mask is None else alibi_key_positions(attention_mask)
-    probs = _masked_softmax(_attention_scores(q, k, slopes, positions, scale)).to(q.dtype)
+    probs = _masked_softmax(*_attention_scores(q, k, slopes, positions, scale)).to(q.dtype)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p, training=True)
     out = torch.matmul(probs.float(), _zero_padded_keys(v, positions)).to(q.dtype)

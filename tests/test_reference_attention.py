@@ -285,3 +285,23 @@ def test_alibi_attention_probs_dropout():
     torch.manual_seed(1234)
     theirs = torch.nn.Dropout(p).train()(probs0)
     assert torch.equal(theirs, probs1)
+
+
+@pytest.mark.parametrize("magnitude", [1e10, 1e19, 1e25, 1e37])
+@pytest.mark.parametrize("q_len", [9, 1], ids=["prefill", "decode"])
+def test_scores_past_fp32_range_give_the_float64_answer(magnitude, q_len):
+    """q·k beyond fp32's range (issue 14: |q|, |k| ~ 1e19 and up overflow fp32 scores, and inf - inf is
+    NaN) while the softmax is finite: the reference's per-row power-of-two scaling gives float64's
+    answer. Probabilities there are ~one-hot, so the output equals float64's to fp32 rounding."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 3, n, 64, generator=g) for n in (q_len, 9, 9))
+    q, k = q * magnitude, k * magnitude
+    slopes = reference.alibi_slopes(3)
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    out = reference.alibi_attention(q, k, v, slopes, mask)
+    want = attention64(q, k, v, slopes, mask)[0]
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    probs_out, _ = reference.alibi_attention_probs(q, k, v, slopes, mask)
+    torch.testing.assert_close(probs_out.double(), want, rtol=1e-5, atol=1e-5)
