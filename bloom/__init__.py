@@ -4,6 +4,7 @@ from .cache import BloomCache, CacheOverflowError
 from .config import BloomConfig
 from .generation_config import GenerationConfig
 from .heads import BloomForQuestionAnswering, BloomForSequenceClassification, BloomForTokenClassification
+from .interop import from_transformers
 from .loading import CheckpointError
 from .model import BloomForCausalLM, BloomModel
 from .pretrained import BloomPreTrainedModel
@@ -27,5 +28,6 @@ __all__ = [
     "CheckpointError",
     "Int8Linear",
     "TextStreamer",
+    "from_transformers",
     "quantize_int8",
 ]

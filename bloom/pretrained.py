@@ -121,6 +121,14 @@ class BloomPreTrainedModel(nn.Module):
 
         save_pretrained(self, save_directory, max_shard_size)
 
+    def to_transformers(self):
+        """transformers' model of this class (transformers.BloomForCausalLM, ...) built around this model's
+        own tensors — no copy: training either trains both. Needs transformers; an int8 model is refused.
+        The other way: bloom.from_transformers(hf_model). See bloom/interop.py."""
+        from .interop import to_transformers
+
+        return to_transformers(self)
+
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         """Parameters counted once each (a tied lm_head is the embedding), as transformers counts them:
         only those requiring grad with only_trainable, none of an nn.Embedding with exclude_embeddings."""

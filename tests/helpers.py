@@ -1,9 +1,6 @@
 """Small helpers shared by the tests (imported as `helpers`; pytest puts tests/ on sys.path)."""
 
-import json
-
 import torch
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 HAS_CUDA = torch.cuda.is_available()
 # The device the Triton kernels run on in this session: the GPU, or the CPU through the interpreter.
@@ -73,65 +70,21 @@ def left_padded_batch(vocab: int, lengths=(9, 6, 3), seed: int = 1, pad_id: int 
 
 
 # --- a tiny BLOOM-like tokenizer, trained offline --------------------------------------------------
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
-# BLOOM's tokenizer.json pre-tokenizer regex (a word with its leading space; the listed punctuation
-# marks, Latin, CJK, Devanagari and Arabic, and whitespace split off).
-BLOOM_SPLIT_REGEX = " ?[^(\\s|[.,!?…。，、।۔،])]+"
-
-CORPUS = [
-    "Hello world! The quick brown fox jumps over the lazy dog. Hello again, world.",
-    "It's a test: we're testing, they've tested, I'm done. Isn't it great?",
-    "Bonjour le monde ! Ça va ? Très bien, merci. L'été dernier, nous étions à Paris…",
-    "Les élèves français écrivent des phrases où l'on trouve des accents : é, è, ê, à, ù, ç.",
-    "你好，世界。今天天气很好、我们去公园散步吧。中文分词是一个有趣的问题。",
-    "مرحبا بالعالم، كيف حالك؟ أنا بخير، شكرا لك۔ اللغة العربية جميلة.",
-    "नमस्ते दुनिया। आप कैसे हैं? मैं ठीक हूँ। हिंदी भाषा सुंदर है।",
-    "Emoji time 🙂🚀👍🏽 and a family 👨‍👩‍👧 with flags 🇫🇷🇮🇳 ✨🎉",
-    "def add(a, b):\n    return a + b  # sum of two numbers\n",
-    "for (int i = 0; i < n; ++i) { total += values[i]; }\nprintf(\"%d\\n\", total);",
-    "import torch\nx = torch.randn(3, 4)\nprint(x.shape)  # torch.Size([3, 4])",
-    "SELECT name, age FROM users WHERE age > 30 ORDER BY name;",
-]
-
-def train_bloom_like_tokenizer() -> Tokenizer:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(BLOOM_SPLIT_REGEX), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=700,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no <unk> ever
-        show_progress=False,
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    return tok
-
-
-def write_tokenizer_dir(path, tok: Tokenizer, config: dict | None = None, special_map: bool = True):
-    path.mkdir(parents=True, exist_ok=True)
-    tok.save(str(path / "tokenizer.json"))
-    if config is not None:
-        (path / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
-    if special_map:
-        names = ("unk_token", "bos_token", "eos_token", "pad_token")
-        (path / "special_tokens_map.json").write_text(json.dumps(dict(zip(names, SPECIAL_TOKENS))), encoding="utf-8")
-    return path
-
-
-# BLOOM's own tokenizer_config.json (bigscience/bloom*), padding on the left.
-BLOOM_CONFIG = {
-    "tokenizer_class": "BloomTokenizerFast",
-    "padding_side": "left",
-    "unk_token": "<unk>",
-    "bos_token": "<s>",
-    "eos_token": "</s>",
-    "pad_token": "<pad>",
-    "name_or_path": "bigscience/tokenizer",
-    "special_tokens_map_file": None,
+# The package's (bloom.tokenization.train: `bloom init` writes the same one), under the names the tests
+# use. Resolved on first use, so that conftest's `import helpers` does not import bloom at collection.
+_TOKENIZER_NAMES = {
+    "BLOOM_CONFIG": "BLOOM_TOKENIZER_CONFIG",  # BLOOM's own tokenizer_config.json, padding on the left
+    "BLOOM_SPLIT_REGEX": "BLOOM_SPLIT_REGEX",
+    "CORPUS": "SAMPLE_TEXT",
+    "SPECIAL_TOKENS": "SPECIAL_TOKENS",
+    "train_bloom_like_tokenizer": "train_bloom_like_tokenizer",
+    "write_tokenizer_dir": "write_tokenizer_dir",
 }
+
+
+def __getattr__(name: str):
+    if name in _TOKENIZER_NAMES:
+        from bloom.tokenization import train
+
+        return getattr(train, _TOKENIZER_NAMES[name])
+    raise AttributeError(f"module 'helpers' has no attribute {name!r}")
