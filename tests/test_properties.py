@@ -210,18 +210,23 @@ def test_layer_norm(rows, n, dtype, residual, fp32_params, use, x_layout, r_layo
 
 @bounded(8)
 @given(rows=ROWS, n=st.integers(1, 300), magnitude=st.sampled_from([1e10, 1e19, 1e25, 1e30]),
-       residual=st.booleans(), seed=SEEDS)
-def test_layer_norm_huge_rows(rows, n, magnitude, residual, seed):
-    """fp32 rows of huge magnitude (issue 14; the one-tile path, every BLOOM width): the kernel's and the
-    float64 LayerNorm agree, so the fp32 statistics stayed finite. Outputs only: the gradients scale as
-    1/magnitude, below any absolute tolerance (tests/test_layer_norm.py checks them relatively)."""
+       residual=st.booleans(), looped=st.booleans(), seed=SEEDS)
+def test_layer_norm_huge_rows(rows, n, magnitude, residual, looped, seed):
+    """fp32 rows of huge magnitude (issue 14): the kernel's and the float64 LayerNorm agree, so the fp32
+    statistics stayed finite — on the one-tile path (every BLOOM width) and the looped long-row path
+    (forced on short rows). Outputs only: the gradients scale as 1/magnitude, below any absolute
+    tolerance (tests/test_layer_norm.py checks them relatively)."""
     shape = (*rows, n)
     x = _randn(shape, seed, torch.float32, scale=magnitude, shift=0.5 * magnitude)
     r = _randn(shape, seed + 1, torch.float32, scale=magnitude) if residual else None
     weight = _randn(n, seed + 2, torch.float32, scale=0.5, shift=1.0)
     bias = _randn(n, seed + 3, torch.float32, scale=0.1)
-    check_kernel(bk.layer_norm, layer_norm64, {"x": x, "weight": weight, "bias": bias, "eps": 1e-5, "residual": r},
-                 grads=(), outputs=("y", "s") if residual else ("y",), tol=LAYER_NORM_TOL, dispatched="layer_norm")
+    small = mock.patch.multiple(ln_kernel, _MAX_FUSED_BLOCK=32, _LOOP_CHUNK=32)
+    with small if looped else contextlib.nullcontext():
+        check_kernel(bk.layer_norm, layer_norm64,
+                     {"x": x, "weight": weight, "bias": bias, "eps": 1e-5, "residual": r},
+                     grads=(), outputs=("y", "s") if residual else ("y",), tol=LAYER_NORM_TOL,
+                     dispatched="layer_norm")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -138,10 +138,13 @@ def _ln_fwd_kernel(
         y = d * rstd_scaled[:, None] * w[None, :] + b[None, :]
         tl.store(y_rows + cols0[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
     else:
-        # Pass 1: running (count, mean, M2) per row, merged chunk by chunk (Chan et al.).
+        # Pass 1: running (count, mean, M2) per row, merged chunk by chunk (Chan et al.). M2 is kept in
+        # units of scale² (m2s = M2 / scale², scale the largest |deviation| or |mean shift| met so far,
+        # >= sqrt(eps)): squares of deviations past ~1.8e19 overflow fp32, their ratios to scale never do.
         count = tl.zeros([BLOCK_M], dtype=tl.float32)
         mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        m2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m2s = tl.zeros([BLOCK_M], dtype=tl.float32)
+        scale = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.sqrt(eps)
         for start in range(0, N, BLOCK_N):
             cols = start + cols0
             mask = row_mask[:, None] & (cols < N)[None, :]
@@ -152,11 +155,16 @@ def _ln_fwd_kernel(
             mean_b = tl.sum(h, axis=1) / n_b
             d = tl.where(mask, h - mean_b[:, None], 0.0)
             delta = mean_b - mean
+            new_scale = tl.maximum(tl.maximum(scale, tl.abs(delta)), tl.max(tl.abs(d), axis=1))
+            inv = 1.0 / new_scale
+            d = d * inv[:, None]
+            shrink = scale * inv
             frac = n_b / (count + n_b)
             mean += delta * frac
-            m2 += tl.sum(d * d, axis=1) + delta * delta * count * frac
+            m2s = m2s * shrink * shrink + tl.sum(d * d, axis=1) + (delta * inv) * (delta * inv) * count * frac
+            scale = new_scale
             count += n_b
-        rstd = 1.0 / tl.sqrt(m2 / N + eps)
+        rstd = 1.0 / tl.sqrt(m2s / N + (eps / scale) / scale) / scale
         # Pass 2: normalise (x and residual are read again: the fp32 sum, not the rounded s).
         for start in range(0, N, BLOCK_N):
             cols = start + cols0
