@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import os
 import re
 import sys
@@ -159,7 +160,7 @@ def _probe_timeout() -> float:
 def _no_answer_errors() -> tuple[type[BaseException], ...]:
     """The exceptions meaning "the server did not answer" (refused, unresolvable, timed out, proxy down)
     in the HTTP library of the installed huggingface_hub: httpx2 (2.x), httpx (1.x) or requests (0.x)."""
-    import huggingface_hub.file_download  # noqa: F401 - loads the HTTP library it uses
+    importlib.import_module("huggingface_hub.file_download")  # loads the HTTP library it uses
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     errors: list[type[BaseException]] = [OfflineModeIsEnabled]
