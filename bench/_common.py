@@ -27,9 +27,13 @@ import csv
 import math
 import os
 import sys
-import time
 
 import torch
+
+# the timing pieces `bloom bench` uses too (the package cannot import from bench/)
+from bloom import benchmark as _timing  # noqa: E402
+
+wall_s, best_wall_s, guarded = _timing.wall_s, _timing.best_wall_s, _timing.guarded
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
@@ -86,24 +90,6 @@ def grad_ms(outputs, inputs, grads) -> float:
     return median_ms(grad)
 
 
-def wall_s(fn, device) -> float:
-    """Wall seconds of one call of fn, synchronised on CUDA (queued work before it finished first)."""
-    cuda = torch.device(device).type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def best_wall_s(fn, device, repeats: int) -> float:
-    """CPU-safe timing: the best wall time of `repeats` calls of fn (synchronised), after a warm-up call."""
-    wall_s(fn, device)
-    return min(wall_s(fn, device) for _ in range(repeats))
-
-
 def per_second(amount: float, ms: float, unit: float = 1e9) -> float:
     """`amount` (bytes, FLOPs) done in `ms` milliseconds, per second, in `unit`s (1e9: GB/s, 1e12: T.../s)."""
     return amount / (ms * 1e-3) / unit
@@ -135,18 +121,6 @@ def compiled(fn):
     if fn not in _COMPILED:
         _COMPILED[fn] = torch.compile(fn, fullgraph=True, dynamic=False)
     return _COMPILED[fn]
-
-
-def guarded(label: str, fn) -> float:
-    """fn(); NaN and a line on stderr if it raises: one failing peer must not end the run."""
-    try:
-        return fn()
-    except Exception as error:  # noqa: BLE001 - out of memory, a compile error, a shape a peer lacks
-        first = (str(error).splitlines() or [""])[0]
-        print(f"  {label} failed: {type(error).__name__}: {first[:160]}", file=sys.stderr)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return float("nan")
 
 
 def start(args, script: str, needs: str, recompiles: int | None = None, force_triton: bool = False) -> bool:

@@ -40,6 +40,9 @@ Before timing, the greedy outputs are compared: bloom vs transformers must be id
 differ!)" otherwise); CTranslate2 (and bloom int8) report agreement, the mean over rows of the common
 prefix of their new tokens with the fp reference's (transformers', else bloom's), as a fraction.
 
+The engines, the timing loop, the memory and bandwidth measures and the arithmetic are bloom/benchmark.py's
+(the same as `bloom bench`, the installed command); this script adds CTranslate2, the goals and the tables.
+
 Results: per preset <out>/generate-<preset>-<device>-<dtype>[-int8].json (every number above),
 .._decode.csv / _prefill.csv tables and their png plots (bench/_common.py), and results.html.
 
@@ -58,22 +61,19 @@ import copy
 import json
 import math
 import os
-import statistics
 import sys
 import tempfile
 
 import torch
 
+from bloom import benchmark
+from bloom.benchmark import Engine, Memory, bandwidth_gbs, jsonable, spread, wall_s
+from bloom.shapes import SHAPES, random_model
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/_common.py
 import _common as common  # noqa: E402
 
-PRESETS = {
-    # hidden, layers, heads, vocab
-    "tiny": (128, 2, 4, 1000),
-    "small": (512, 6, 8, 8000),
-    "bloom-560m": (1024, 24, 16, 250880),
-    "bloom-7b1": (4096, 30, 32, 250880),
-}
+PRESETS = SHAPES  # name -> (hidden, layers, heads, vocab)
 SKIPS = {"transformers": ("transformers", "transformers' BloomForCausalLM"),
          "ct2": ("ctranslate2", "CTranslate2 (the CPU reference engine)")}
 PREFILL_CHECK = (8, 512)  # batch, prompt length of the GPU prefill goal
@@ -108,67 +108,23 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------------------------- engines
 
-class Engine:
-    """One way to generate: run(ids, n) -> the n new tokens (B, n) on the CPU; `weights`: bytes read per
-    decode step for the weights; `kind`: "fp" or "int8" (which ceiling); `kv_size`: KV element bytes."""
-
-    def __init__(self, name: str, run, weights: int, kind: str, kv_size: int):
-        self.name, self.run, self.weights, self.kind, self.kv_size = name, run, weights, kind, kv_size
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes a decode step reads for the weights: every parameter and buffer once (tied ones once), but
-    an input embedding table only when it is also the lm_head (a lookup reads B rows, not the table)."""
-    seen, total = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    embedding = model.get_input_embeddings().weight
-    if getattr(model.get_output_embeddings(), "weight", None) is not embedding:
-        total -= embedding.numel() * embedding.element_size()
-    return total
-
-
 def torch_engines(args, device, dtype, notes: list[str]):
-    """[bloom, bloom int8?, transformers?] on the same random weights, and transformers' model (for
-    CTranslate2's conversion) or None."""
-    from bloom import BloomConfig, BloomForCausalLM, quantize_int8
+    """[bloom, bloom int8?, transformers?] on the same random weights (bloom.benchmark's engines), and
+    transformers' model (for CTranslate2's conversion, even with --no-transformers) or None."""
+    from bloom import quantize_int8
 
-    hidden, layers, heads, vocab = PRESETS[args.preset_name]
-    cfg = dict(hidden_size=hidden, n_layer=layers, n_head=heads, vocab_size=vocab)
-    torch.manual_seed(0)
+    ours = random_model(args.preset_name, dtype=dtype, device=device)
     try:
-        import transformers
+        theirs = benchmark.transformers_twin(ours)
     except ImportError:
-        transformers = None
+        theirs = None
         notes.append("transformers is not importable: no transformers row, no CTranslate2 (it converts "
-                     "transformers' model); bloom keeps its own random init")
-    theirs = None
-    with torch.device(device):  # built where it runs: bloom-7b1 in fp32 on the host is 28 GB
-        if transformers is not None:
-            theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**cfg)).to(dtype).eval()
-        ours = BloomForCausalLM(BloomConfig(**cfg)).to(dtype).eval()
-    if theirs is not None:
-        ours.load_state_dict(theirs.state_dict())
-    kv = dtype.itemsize
-
-    def bloom_run(model):
-        def run(ids, n):
-            out = model.generate(ids, torch.ones_like(ids), max_new_tokens=n, eos_token_id=[], decode=args.decode)
-            return out[:, ids.shape[1]:].cpu()
-        return run
-
-    engines = [Engine("bloom", bloom_run(ours), weight_bytes(ours), "fp", kv)]
+                     "transformers' model)")
+    engines = [benchmark.bloom_engine("bloom", ours, args.decode)]
     if args.int8:
-        ours8 = quantize_int8(copy.deepcopy(ours))
-        engines.append(Engine("bloom int8", bloom_run(ours8), weight_bytes(ours8), "int8", kv))
+        engines.append(benchmark.bloom_engine("bloom int8", quantize_int8(copy.deepcopy(ours)), args.decode, "int8"))
     if theirs is not None and not args.no_transformers:
-        def theirs_run(ids, n):
-            out = theirs.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                  min_new_tokens=n, pad_token_id=0)
-            return out[:, ids.shape[1]:].cpu()
-        engines.append(Engine("transformers", theirs_run, weight_bytes(theirs), "fp", kv))
+        engines.append(benchmark.transformers_engine(theirs))
     return engines, theirs
 
 
@@ -232,148 +188,18 @@ def ct2_engines(args, theirs, engines, workdir: str, notes: list[str]) -> list[E
 
 # ---------------------------------------------------------------------------------------------- measures
 
-class Memory:
-    """Peak memory of one call: (peak bytes, rise over the bytes held before) or (None, None)."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.rss_resettable = False
-        if not self.cuda:
-            try:
-                with open("/proc/self/clear_refs", "w") as f:
-                    f.write("5")
-                self.rss_resettable = self._status("VmHWM") is not None
-            except OSError:
-                pass
-
-    @staticmethod
-    def _status(key: str) -> int | None:
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            pass
-        return None
-
-    def measure(self, fn):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            fn()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated()
-            return peak, peak - before
-        if not self.rss_resettable:
-            fn()
-            return None, None
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = self._status("VmRSS")
-        fn()
-        peak = self._status("VmHWM")
-        return peak, peak - before
-
-
-def bandwidth_gbs(device) -> tuple[float, str]:
-    """The memory bandwidth a decode step can stream weights at, measured now, and how."""
-    if device.type == "cuda":
-        return common.copy_ceiling_gbs(), "device copy of 512 MiB, bytes read + written"
-    nbytes = 1 << 28
-    x = torch.ones(nbytes // 4)
-    out = torch.empty_like(x)
-    copy_gbs = 2 * nbytes / common.best_wall_s(lambda: out.copy_(x), device, 3) / 1e9
-    sum_gbs = nbytes / common.best_wall_s(x.sum, device, 3) / 1e9
-    return max(copy_gbs, sum_gbs), (f"max of a 256 MiB copy ({copy_gbs:.1f} GB/s, read + written) and a 256 MiB "
-                                    f"sum ({sum_gbs:.1f} GB/s, read)")
-
-
-def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean over rows of the common prefix of two (B, n) token tensors, as a fraction of n."""
-    same = (tokens == reference).int().cumprod(dim=1)
-    return same.sum().item() / reference.numel()
-
-
-def spread(times: list[float]) -> dict:
-    return {"best": min(times), "median": statistics.median(times), "all": times}
-
-
 def measure_batch(engines, args, device, vocab: int, batch: int, prompt_len: int, new_tokens: int, memory: Memory,
                   bandwidth: float):
-    """One batch size: outputs compared, then every engine timed (interleaved) -> the JSON row."""
-    ids = torch.randint(4, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
-    outputs, live = {}, []
-    for e in engines:  # untimed: the outputs, and every engine's warm-up (compile, capture) at both lengths
-        def first(e=e):
-            outputs[e.name] = e.run(ids, new_tokens)
-            e.run(ids, 1)
-            return 0.0
-        if not math.isnan(common.guarded(f"{e.name} batch {batch}", first)):
-            live.append(e)
-    reference = outputs.get("transformers", outputs.get("bloom"))
-    row = {"batch": batch, "engines": {}}
-    if "transformers" in outputs and "bloom" in outputs:
-        row["outputs_identical"] = bool(torch.equal(outputs["bloom"], outputs["transformers"]))
-    times = {e.name: {"prefill": [], "generate": []} for e in live}
-    peaks = {}
-    for r in range(args.repeats):
-        for e in list(live):
-            def prefill(e=e):
-                return common.wall_s(lambda: e.run(ids, 1), device)
-
-            def generate(e=e):
-                if r > 0:
-                    return common.wall_s(lambda: e.run(ids, new_tokens), device)
-                timed = []  # the first timed generate also gives the memory (reset and read outside the timing)
-                peaks[e.name] = memory.measure(lambda: timed.append(common.wall_s(lambda: e.run(ids, new_tokens),
-                                                                                   device)))
-                return timed[0]
-            t_prefill = common.guarded(f"{e.name} batch {batch} prefill", prefill)
-            t_generate = common.guarded(f"{e.name} batch {batch} generate", generate)
-            if math.isnan(t_prefill) or math.isnan(t_generate):
-                live.remove(e)
-                times.pop(e.name)
-                continue
-            times[e.name]["prefill"].append(t_prefill)
-            times[e.name]["generate"].append(t_generate)
-    mean_len = prompt_len + new_tokens / 2
-    for e in live:
-        pre, gen = spread(times[e.name]["prefill"]), spread(times[e.name]["generate"])
-        steps = batch * (new_tokens - 1)
-
-        def rate(t_gen, t_pre):
-            return steps / (t_gen - t_pre) if t_gen > t_pre else float("nan")
-        kv = 2 * PRESETS[args.preset_name][1] * batch * mean_len * PRESETS[args.preset_name][0] * e.kv_size
-        ceiling = batch * bandwidth * 1e9 / (e.weights + kv)
-        decode = {"best": rate(gen["best"], pre["best"]), "median": rate(gen["median"], pre["median"]),
-                  "per_repeat": [rate(g, p) for g, p in zip(gen["all"], pre["all"])]}
-        peak, rise = peaks.get(e.name, (None, None))
-        row["engines"][e.name] = {
-            "prefill_s": pre, "generate_s": gen, "decode_tok_s": decode,
-            "bytes_per_step": e.weights + kv, "weight_bytes": e.weights, "kv_bytes": kv,
-            "ceiling_tok_s": ceiling, "fraction_of_ceiling": decode["best"] / ceiling,
-            "peak_memory_bytes": peak, "memory_rise_bytes": rise,
-        }
-        if reference is not None and e.name not in ("bloom", "transformers") and e.name in outputs:
-            row["engines"][e.name]["agreement"] = agreement(outputs[e.name], reference)
-    row["ratios"] = ratios(row["engines"])
-    return row
+    """One batch size through bloom.benchmark.measure_batch (outputs compared, engines timed interleaved)."""
+    hidden, layers = PRESETS[args.preset_name][:2]
+    return benchmark.measure_batch(engines, device=device, vocab=vocab, layers=layers, hidden=hidden, batch=batch,
+                                   prompt_len=prompt_len, new_tokens=new_tokens, repeats=args.repeats,
+                                   memory=memory, bandwidth=bandwidth, pairs=RATIOS)
 
 
+# bloom.benchmark's pairs and CTranslate2's, in the order the JSON has always listed them
 RATIOS = [("bloom", "transformers"), ("bloom", "ct2"), ("bloom int8", "bloom"), ("bloom int8", "ct2 int8"),
           ("bloom int8", "transformers")]
-
-
-def ratios(engines: dict) -> dict:
-    """Speed-ups (> 1: the first is faster) of the pairs measured, e.g. "bloom/transformers": decode as
-    the ratio of the best tok/s, prefill as the inverse ratio of the best times."""
-    pairs = [(a, b) for a, b in RATIOS if a in engines and b in engines]
-    return {"decode": {f"{a}/{b}": engines[a]["decode_tok_s"]["best"] / engines[b]["decode_tok_s"]["best"]
-                       for a, b in pairs},
-            "prefill": {f"{a}/{b}": engines[b]["prefill_s"]["best"] / engines[a]["prefill_s"]["best"]
-                        for a, b in pairs}}
 
 
 def prefill_check(engines, args, device, vocab: int) -> dict | None:
@@ -382,13 +208,13 @@ def prefill_check(engines, args, device, vocab: int) -> dict | None:
     if len(by_name) < 2:
         return None
     batch, prompt_len = PREFILL_CHECK
-    ids = torch.randint(4, vocab, (batch, prompt_len), generator=torch.Generator().manual_seed(2)).to(device)
+    ids = benchmark.prompt_ids(vocab, batch, prompt_len, device, seed=2)
     times = {name: [] for name in by_name}
     for e in by_name.values():
         e.run(ids, 1)
     for _ in range(args.repeats):
         for name, e in by_name.items():
-            times[name].append(common.wall_s(lambda: e.run(ids, 1), device))
+            times[name].append(wall_s(lambda: e.run(ids, 1), device))
     result = {name: spread(t) for name, t in times.items()}
     result.update(batch=batch, prompt_len=prompt_len,
                   ratio=result["bloom"]["best"] / result["transformers"]["best"])
@@ -463,17 +289,6 @@ def goals(result: dict, args) -> tuple[list[str], list[str]]:
     return checked, misses
 
 
-def jsonable(value):
-    """NaN -> None (JSON has no NaN), recursively."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
 def write_results(result: dict, out: str, name: str) -> None:
     """<out>/<name>.json, and the decode tok/s and prefill ms tables (csv, png) of bench/_common.py."""
     with open(os.path.join(out, f"{name}.json"), "w", encoding="utf-8") as f:
@@ -490,16 +305,6 @@ def write_results(result: dict, out: str, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- main
-
-def versions() -> dict:
-    found = {"torch": torch.__version__}
-    for name in ("transformers", "ctranslate2"):
-        try:
-            found[name] = __import__(name).__version__
-        except ImportError:
-            found[name] = None
-    return found
-
 
 def run_preset(args, device, dtype, bandwidth: float, how: str, memory: Memory) -> dict:
     notes: list[str] = []
@@ -519,7 +324,8 @@ def run_preset(args, device, dtype, bandwidth: float, how: str, memory: Memory) 
             "preset": args.preset_name, "config": dict(hidden=hidden, layers=layers, heads=heads, vocab=vocab),
             "device": args.device, "device_name": name, "dtype": args.dtype, "threads": torch.get_num_threads(),
             "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-            "decode": args.decode, "int8": args.int8, "versions": versions(), "bandwidth_gbs": bandwidth,
+            "decode": args.decode, "int8": args.int8, "versions": benchmark.versions(("transformers", "ctranslate2")),
+            "bandwidth_gbs": bandwidth,
             "bandwidth_method": how, "prefill_method": "generate with max_new_tokens=1",
             "engines": [e.name for e in engines], "notes": notes, "batches": [], "prefill_check": None,
         }

@@ -1,11 +1,666 @@
-"""TODO(benchmark): being written.
+"""Prefill latency, decode tokens/s and peak memory of this package's BLOOM and of transformers' BLOOM on the
+same weights in the same process, against the machine's memory-bandwidth ceiling (offline by default:
+random weights of a named shape).
 
-Placeholder so that bloom/cli.py can register the subcommand; replaced by the real module."""
+    bloom bench                                   # bloom-560m shape, random weights; batch 1 and 8 on the CPU
+    bloom bench --shape tiny --batch 1 --json bench.json
+    bloom bench bigscience/bloom-560m --device cuda --batch 1 16 64 --plot bench.png
 
+Engines: "bloom" (BloomForCausalLM.generate(decode=--decode)), "bloom int8" (--int8: the same weights
+through quantize_int8, weight-only int8), "transformers" (transformers.BloomForCausalLM holding the same
+state dict; --no-transformers). Every engine gets the same prompt (random ids, --prompt-len long, no
+padding) and makes exactly --new-tokens greedy tokens per row (end-of-sequence disabled).
+
+Measured per batch size, after one untimed call per engine (compilation, tuning, graph capture), the
+engines interleaved within each repeat so that each sees the same disturbances of a busy machine:
+  prefill   wall time of generate(max_new_tokens=1) (the prompt's forward and the first token's pick);
+            best, median and spread = (slowest - fastest) / median over --repeats
+  decode    tok/s = batch * (new_tokens - 1) / (T_generate - T_prefill): the tokens after the first over
+            the time they added; "best" from the best times, "median" from the median times
+  memory    peak of the first timed generate: CUDA max_memory_allocated; on the CPU the process peak RSS
+            (VmHWM, reset through /proc/self/clear_refs), so every engine's weights are in it; "+" is the
+            rise over what was held before the call (the run's activations, cache, workspace)
+  ceiling   batch * bandwidth / bytes read per decode step (weights once + the KV cache at the mean
+            length), the bandwidth measured in this process (CUDA: a device copy; CPU: a copy and a sum)
+The JSON (--json) holds every printed number and the raw per-repeat times; --plot draws decode tok/s and
+prefill ms against the batch size (needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from .cli import DTYPE_NAMES, add_device_argument, resolve_device
+from .shapes import SHAPES, random_model
+
+PREFILL_METHOD = "generate with max_new_tokens=1"
+DECODE_FORMULA = "batch * (new_tokens - 1) / (T_generate - T_prefill)"
+# (faster?, than) pairs reported as speed-ups; bench/bench_generate.py adds its CTranslate2 pairs
+RATIOS = [("bloom", "transformers"), ("bloom int8", "bloom"), ("bloom int8", "transformers")]
+MODEL_SEED, PROMPT_SEED = 0, 1
+MIB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------- engines
+
+class Engine:
+    """One way to generate: run(ids, n) -> the n new tokens (B, n) on the CPU; `weights`: bytes read per
+    decode step for the weights; `kind`: "fp" or "int8" (which ceiling); `kv_size`: KV element bytes."""
+
+    def __init__(self, name: str, run, weights: int, kind: str, kv_size: int):
+        self.name, self.run, self.weights, self.kind, self.kv_size = name, run, weights, kind, kv_size
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads for the weights: every parameter and buffer once (tied ones once), but
+    an input embedding table only when it is also the lm_head (a lookup reads B rows, not the table)."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    embedding = model.get_input_embeddings().weight
+    if getattr(model.get_output_embeddings(), "weight", None) is not embedding:
+        total -= embedding.numel() * embedding.element_size()
+    return total
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    # the activations' (and so the KV cache's) dtype: an int8 model keeps fp biases, embeddings, norms
+    return next(p.dtype for p in (*model.parameters(), *model.buffers()) if p.is_floating_point())
+
+
+def bloom_engine(name: str, model, decode: str, kind: str = "fp") -> Engine:
+    """Our model's greedy generate, end-of-sequence disabled so every row makes exactly n tokens."""
+    def run(ids, n):
+        out = model.generate(ids, torch.ones_like(ids), max_new_tokens=n, eos_token_id=[], decode=decode)
+        return out[:, ids.shape[1]:].cpu()
+    return Engine(name, run, weight_bytes(model), kind, _model_dtype(model).itemsize)
+
+
+def transformers_engine(model) -> Engine:
+    """transformers' greedy generate, min_new_tokens = max_new_tokens: it never stops early either."""
+    def run(ids, n):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, pad_token_id=0)
+        return out[:, ids.shape[1]:].cpu()
+    return Engine("transformers", run, weight_bytes(model), "fp", _model_dtype(model).itemsize)
+
+
+def transformers_twin(ours):
+    """transformers.BloomForCausalLM holding our model's state dict, on its device in its dtype (raises
+    ImportError without transformers, ValueError for an int8 model, which transformers cannot hold)."""
+    import transformers
+
+    from .quantization import QUANTIZATION_KEY
+
+    if getattr(ours.config, QUANTIZATION_KEY, None):
+        raise ValueError("the model is int8-quantised: transformers' BloomForCausalLM cannot hold its weights")
+    fields = {k: v for k, v in ours.config.to_dict().items() if k not in ("dtype", "model_type")}
+    dtype, device = _model_dtype(ours), next(ours.parameters()).device
+    with torch.device(device):  # built where it runs: no second host copy of a GPU model
+        theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**fields)).to(dtype).eval()
+    theirs.load_state_dict(ours.state_dict())
+    return theirs
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+def wall_s(fn, device) -> float:
+    """Wall seconds of one call of fn, synchronised on CUDA (queued work before it finished first)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def best_wall_s(fn, device, repeats: int) -> float:
+    """The best wall time of `repeats` calls of fn (synchronised), after a warm-up call."""
+    wall_s(fn, device)
+    return min(wall_s(fn, device) for _ in range(repeats))
+
+
+def guarded(label: str, fn, notes: list | None = None) -> float:
+    """fn(); NaN and a line in `notes` (None: on stderr) if it raises: one failing engine must not end the run."""
+    try:
+        return fn()
+    except Exception as error:  # noqa: BLE001 - out of memory, a compile error, a shape an engine lacks
+        first = (str(error).splitlines() or [""])[0]
+        line = f"{label} failed: {type(error).__name__}: {first[:160]}"
+        if notes is None:
+            print(f"  {line}", file=sys.stderr)
+        else:
+            notes.append(line)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return float("nan")
+
+
+class Memory:
+    """Peak memory of one call: (peak bytes, rise over the bytes held before) or (None, None)."""
+
+    def __init__(self, device):
+        self.cuda = torch.device(device).type == "cuda"
+        self.rss_resettable = False
+        if not self.cuda:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self.rss_resettable = self._status("VmHWM") is not None
+            except OSError:  # not Linux, or not allowed: memory is reported as n/a
+                pass
+
+    @staticmethod
+    def _status(key: str) -> int | None:
+        try:
+            with open("/proc/self/status") as f:
+                for line in f:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return None
+
+    def method(self) -> str:
+        if self.cuda:
+            return "torch.cuda.max_memory_allocated"
+        return "process peak RSS (VmHWM)" if self.rss_resettable else "not measurable here"
+
+    def measure(self, fn):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            return peak, peak - before
+        if not self.rss_resettable:
+            fn()
+            return None, None
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        before = self._status("VmRSS")
+        fn()
+        # the kernel folds per-thread RSS counters into VmHWM lazily, so it can read a little below the
+        # VmRSS taken before the call; the peak is at least what was held then
+        peak = max(self._status("VmHWM"), before)
+        return peak, peak - before
+
+
+def _cuda_copy_gbs(device, nbytes: int = 1 << 29, repeats: int = 10) -> float:
+    """Median GB/s (bytes read + written) of a device copy of `nbytes`, timed with CUDA events (a
+    512 MiB copy is far larger than L2, so every call streams from memory)."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    out = torch.empty_like(x)
+    out.copy_(x)
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out.copy_(x)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def bandwidth_gbs(device) -> tuple[float, str]:
+    """The memory bandwidth a decode step can stream weights at, measured now, and how."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return _cuda_copy_gbs(device), "device copy of 512 MiB, bytes read + written"
+    nbytes = 1 << 28
+    x = torch.ones(nbytes // 4)
+    out = torch.empty_like(x)
+    copy_gbs = 2 * nbytes / best_wall_s(lambda: out.copy_(x), device, 3) / 1e9
+    sum_gbs = nbytes / best_wall_s(x.sum, device, 3) / 1e9
+    return max(copy_gbs, sum_gbs), (f"max of a 256 MiB copy ({copy_gbs:.1f} GB/s, read + written) and a 256 MiB "
+                                    f"sum ({sum_gbs:.1f} GB/s, read)")
+
+
+# ---------------------------------------------------------------------------------------------- arithmetic
+
+def spread(times: list[float]) -> dict:
+    """best, median, spread = (slowest - fastest) / median, and every time."""
+    median = statistics.median(times)
+    return {"best": min(times), "median": median, "spread": (max(times) - min(times)) / median if median else 0.0,
+            "all": list(times)}
+
+
+def decode_rate(batch: int, new_tokens: int, t_generate: float, t_prefill: float) -> float:
+    """tok/s of the tokens after the first over the time they added; NaN when they added none."""
+    if not t_generate > t_prefill:
+        return float("nan")
+    return batch * (new_tokens - 1) / (t_generate - t_prefill)
+
+
+def kv_bytes(layers: int, hidden: int, batch: int, prompt_len: int, new_tokens: int, element_size: int) -> int:
+    """KV cache bytes a decode step reads at the mean length (keys and values of every layer)."""
+    return int(2 * layers * batch * (prompt_len + new_tokens / 2) * hidden * element_size)
+
+
+def ceiling_tok_s(batch: int, bandwidth: float, bytes_per_step: float) -> float:
+    """The bandwidth bound: every step streams bytes_per_step at `bandwidth` GB/s and makes `batch` tokens."""
+    return batch * bandwidth * 1e9 / bytes_per_step
+
+
+def engine_numbers(e: Engine, prefill: list[float], generate: list[float], *, batch: int, prompt_len: int,
+                   new_tokens: int, layers: int, hidden: int, bandwidth: float, peak=(None, None)) -> dict:
+    """One engine's JSON numbers from its per-repeat times (seconds)."""
+    pre, gen = spread(prefill), spread(generate)
+    decode = {"best": decode_rate(batch, new_tokens, gen["best"], pre["best"]),
+              "median": decode_rate(batch, new_tokens, gen["median"], pre["median"]),
+              "per_repeat": [decode_rate(batch, new_tokens, g, p) for g, p in zip(gen["all"], pre["all"])]}
+    kv = kv_bytes(layers, hidden, batch, prompt_len, new_tokens, e.kv_size)
+    ceiling = ceiling_tok_s(batch, bandwidth, e.weights + kv)
+    return {"prefill_s": pre, "generate_s": gen, "decode_tok_s": decode,
+            "bytes_per_step": e.weights + kv, "weight_bytes": e.weights, "kv_bytes": kv,
+            "ceiling_tok_s": ceiling, "fraction_of_ceiling": decode["best"] / ceiling,
+            "peak_memory_bytes": peak[0], "memory_rise_bytes": peak[1]}
+
+
+def ratios(engines: dict, pairs=RATIOS) -> dict:
+    """Speed-ups (> 1: the first is faster) of the pairs measured, e.g. "bloom/transformers": decode as
+    the ratio of the best tok/s, prefill as the inverse ratio of the best times."""
+    pairs = [(a, b) for a, b in pairs if a in engines and b in engines]
+    return {"decode": {f"{a}/{b}": engines[a]["decode_tok_s"]["best"] / engines[b]["decode_tok_s"]["best"]
+                       for a, b in pairs},
+            "prefill": {f"{a}/{b}": engines[b]["prefill_s"]["best"] / engines[a]["prefill_s"]["best"]
+                        for a, b in pairs}}
+
+
+def agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean over rows of the common prefix of two (B, n) token tensors, as a fraction of n."""
+    same = (tokens == reference).int().cumprod(dim=1)
+    return same.sum().item() / reference.numel()
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+def prompt_ids(vocab: int, batch: int, prompt_len: int, device, seed: int = PROMPT_SEED) -> torch.Tensor:
+    """Random ids above the special tokens (0-3), the same for every engine."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (batch, prompt_len), generator=generator).to(device)
+
+
+def _warm_up(engines, ids, new_tokens: int, notes, tick):
+    """Untimed: every engine's outputs, and its warm-up (compile, capture, tuning) at both lengths."""
+    outputs, live = {}, []
+    for e in engines:
+        def first(e=e):
+            outputs[e.name] = e.run(ids, new_tokens)
+            e.run(ids, 1)
+            return 0.0
+        if not math.isnan(guarded(f"{e.name} batch {ids.shape[0]}", first, notes)):
+            live.append(e)
+        tick(f"batch {ids.shape[0]}: {e.name} warm-up")
+    return outputs, live
+
+
+def _time_repeats(live, ids, new_tokens: int, repeats: int, device, memory: Memory, notes, tick):
+    """Per engine, its prefill and generate times, interleaved over the repeats; and the memory peaks of
+    the first timed generate (reset and read outside its timing)."""
+    batch = ids.shape[0]
+    times = {e.name: {"prefill": [], "generate": []} for e in live}
+    peaks = {}
+    for r in range(repeats):
+        for e in list(live):
+            def generate(e=e):
+                if r > 0:
+                    return wall_s(lambda: e.run(ids, new_tokens), device)
+                timed = []
+                peaks[e.name] = memory.measure(lambda: timed.append(wall_s(lambda: e.run(ids, new_tokens), device)))
+                return timed[0]
+            t_prefill = guarded(f"{e.name} batch {batch} prefill", lambda: wall_s(lambda: e.run(ids, 1), device), notes)
+            t_generate = guarded(f"{e.name} batch {batch} generate", generate, notes)
+            tick(f"batch {batch}: {e.name} repeat {r + 1}/{repeats}")
+            if math.isnan(t_prefill) or math.isnan(t_generate):
+                live.remove(e)
+                times.pop(e.name)
+                continue
+            times[e.name]["prefill"].append(t_prefill)
+            times[e.name]["generate"].append(t_generate)
+    return times, peaks
+
+
+def measure_batch(engines, *, device, vocab: int, layers: int, hidden: int, batch: int, prompt_len: int,
+                  new_tokens: int, repeats: int, memory: Memory, bandwidth: float, pairs=RATIOS,
+                  notes: list | None = None, tick=None) -> dict:
+    """One batch size: outputs compared, then every engine timed (interleaved) -> the JSON row.
+    `tick(label)` is called after every engine call (a progress bar)."""
+    tick = tick or (lambda label: None)
+    ids = prompt_ids(vocab, batch, prompt_len, device)
+    outputs, live = _warm_up(engines, ids, new_tokens, notes, tick)
+    row = {"batch": batch, "engines": {}}
+    if "transformers" in outputs and "bloom" in outputs:
+        row["outputs_identical"] = bool(torch.equal(outputs["bloom"], outputs["transformers"]))
+    times, peaks = _time_repeats(live, ids, new_tokens, repeats, device, memory, notes, tick)
+    reference = outputs.get("transformers", outputs.get("bloom"))
+    for e in live:
+        row["engines"][e.name] = numbers = engine_numbers(
+            e, times[e.name]["prefill"], times[e.name]["generate"], batch=batch, prompt_len=prompt_len,
+            new_tokens=new_tokens, layers=layers, hidden=hidden, bandwidth=bandwidth,
+            peak=peaks.get(e.name, (None, None)))
+        if reference is not None and e.name not in ("bloom", "transformers") and e.name in outputs:
+            numbers["agreement"] = agreement(outputs[e.name], reference)
+    row["ratios"] = ratios(row["engines"], pairs)
+    return row
+
+
+def jsonable(value):
+    """NaN -> None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def versions(names=("transformers",)) -> dict:
+    found = {"torch": torch.__version__}
+    for name in names:
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = None
+    return found
+
+
+def device_name(device) -> str:
+    """The card's name, or the CPU's model name (Linux), or "CPU"."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
+
+
+# ---------------------------------------------------------------------------------------------- command
 
 def add_arguments(parser) -> None:
-    pass
+    parser.add_argument("model", nargs="?", metavar="MODEL",
+                        help="a local directory or hub id to load (default: random weights of --shape, offline)")
+    parser.add_argument("--shape", choices=list(SHAPES), default=None,
+                        help="random-weight model shape when no MODEL is given (default: bloom-560m)")
+    parser.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                        help="weights/activations dtype (default: bf16 on CUDA, fp32 on the CPU)")
+    add_device_argument(parser)
+    parser.add_argument("--batch", type=int, nargs="+", metavar="B",
+                        help="batch sizes (default: 1 8 on the CPU, 1 16 on CUDA)")
+    parser.add_argument("--prompt-len", type=int, default=32, metavar="S", help="prompt tokens per row (default: 32)")
+    parser.add_argument("--new-tokens", type=int, default=32, metavar="N",
+                        help="tokens generated per row, >= 2 (default: 32)")
+    parser.add_argument("--repeats", type=int, default=3, metavar="R", help="timed repeats (default: 3)")
+    parser.add_argument("--int8", action="store_true",
+                        help="also time the same weights int8-quantised (weight-only, per output channel)")
+    parser.add_argument("--decode", choices=["auto", "eager", "compile", "cuda_graph"], default="auto",
+                        help="bloom's generate(decode=...) (default: auto = cuda_graph on CUDA, eager on the CPU)")
+    parser.add_argument("--no-transformers", action="store_true", help="skip transformers' BloomForCausalLM")
+    parser.add_argument("--json", metavar="FILE", help="write every number and the raw per-repeat times here")
+    parser.add_argument("--plot", metavar="FILE", help="write a PNG of decode tok/s and prefill ms by batch size")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it is off when not a tty)")
+
+
+def check_args(args, device) -> None:
+    """A bad option is one ValueError naming it, before anything is built."""
+    if args.model is not None and args.shape is not None:
+        raise ValueError("give MODEL or --shape, not both (--shape picks random weights)")
+    for option, value, least in (("--batch", min(args.batch), 1), ("--prompt-len", args.prompt_len, 1),
+                                 ("--new-tokens", args.new_tokens, 2), ("--repeats", args.repeats, 1)):
+        if value < least:
+            why = " (decode time = generate(new) - generate(1))" if option == "--new-tokens" else ""
+            raise ValueError(f"{option} must be >= {least}{why}; got {value}")
+    if args.decode == "cuda_graph" and device.type != "cuda":
+        raise ValueError(f"--decode cuda_graph needs a CUDA device; --device is {device}")
+    for option in ("json", "plot"):
+        path = getattr(args, option)
+        if path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            raise ValueError(f"--{option} {path}: its directory does not exist")
+
+
+def load_model(args, device, dtype: torch.dtype):
+    """Our model: MODEL loaded, or random weights of --shape (seeded)."""
+    from .model import BloomForCausalLM
+
+    if args.model is not None:
+        return BloomForCausalLM.from_pretrained(args.model, torch_dtype=dtype, device=device)
+    return random_model(args.shape, dtype=dtype, device=device, seed=MODEL_SEED)
+
+
+def build_engines(ours, args, notes: list[str]) -> list[Engine]:
+    """[bloom, bloom int8?, transformers?] on the same weights; what cannot run is a note."""
+    import copy
+
+    from .quantization import quantize_int8
+
+    engines = [bloom_engine("bloom", ours, args.decode)]
+    if args.int8:
+        engines.append(bloom_engine("bloom int8", quantize_int8(copy.deepcopy(ours)), args.decode, "int8"))
+    if not args.no_transformers:
+        try:
+            engines.append(transformers_engine(transformers_twin(ours)))
+        except (ImportError, ValueError) as error:
+            notes.append(f"no transformers row: {error}")
+    return engines
+
+
+class _Progress:
+    """A tqdm bar on stderr, or nothing (not a tty, --no-progress, tqdm missing)."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, file=sys.stderr, unit="run", desc="bloom bench", leave=False)
+
+    def tick(self, label: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+            self.bar.update()
+
+    def write(self, text: str) -> None:
+        """Print to stdout without breaking the bar."""
+        if self.bar is None:
+            print(text, flush=True)
+        else:
+            self.bar.write(text, file=sys.stdout)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def header(result: dict) -> list[str]:
+    c, v = result["config"], result["versions"]
+    source = result["model"] or f"shape {result['shape']} (random weights, seed {result['seed']})"
+    return [
+        f"bloom bench: {source}; hidden {c['hidden']}, layers {c['layers']}, heads {c['heads']}, vocab {c['vocab']}",
+        f"{result['dtype']} on {result['device']} ({result['device_name']}, {result['threads']} threads); "
+        f"torch {v['torch']}, transformers {v['transformers'] or 'not installed'}",
+        f"prompt {result['prompt_len']} tokens, {result['new_tokens']} new tokens per row, {result['repeats']} "
+        f"repeats (engines interleaved), decode = {result['decode']}",
+        f"bandwidth {result['bandwidth_gbs']:.1f} GB/s ({result['bandwidth_method']})",
+        f"prefill = {PREFILL_METHOD}; decode tok/s = {DECODE_FORMULA}; ceiling tok/s = batch * bandwidth / "
+        "(weight + KV cache bytes per step); spread = (slowest - fastest) / median",
+        f"peak memory: {result['memory_method']}" + (" (the whole process: every engine's weights)"
+                                                     if result["device"] == "cpu" else ""),
+    ]
+
+
+def _show(value, fmt: str) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def _cells(name: str, e: dict, row_ratios: dict) -> list[str]:
+    pre, dec = e["prefill_s"], e["decode_tok_s"]
+    peak, rise = e["peak_memory_bytes"], e["memory_rise_bytes"]
+    versus = ""
+    if f"{name}/transformers" in row_ratios["decode"]:
+        key = f"{name}/transformers"
+        versus = (f"{_show(row_ratios['decode'][key], '.2f')}x / {_show(row_ratios['prefill'][key], '.2f')}x")
+    return [name, f"{1e3 * pre['best']:.2f} / {1e3 * pre['median']:.2f} ({100 * pre['spread']:.0f}%)",
+            f"{_show(dec['best'], '.1f')} / {_show(dec['median'], '.1f')}", f"{e['ceiling_tok_s']:.1f}",
+            f"{_show(100 * e['fraction_of_ceiling'], '.1f')}%",
+            "n/a" if peak is None else f"{peak / MIB:.0f} ({rise / MIB:+.1f})", versus]
+
+
+def table(row: dict) -> list[str]:
+    """One batch's lines: a title (outputs compared), a table with its units, other speed-ups."""
+    notes = []
+    if "outputs_identical" in row:
+        same = row["outputs_identical"]
+        notes.append("outputs identical to transformers" if same else "OUTPUTS DIFFER from transformers")
+    notes += [f"{name}: {100 * e['agreement']:.0f}% of tokens agree" for name, e in row["engines"].items()
+              if "agreement" in e]
+    lines = [f"batch {row['batch']}" + (f"  ({'; '.join(notes)})" if notes else "")]
+    head = ["engine", "prefill ms best/median (spread)", "decode tok/s best/median", "ceiling tok/s",
+            "% of ceiling", "peak MiB (+run)", "vs transformers decode/prefill"]
+    body = [_cells(name, e, row["ratios"]) for name, e in row["engines"].items()]
+    if not any(cells[-1] for cells in body):  # no transformers row to compare with
+        head, body = head[:-1], [cells[:-1] for cells in body]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    for i, cells in enumerate([head, *body]):  # names left-aligned, numbers right-aligned
+        aligned = [c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(cells, widths))]
+        lines.append(" | ".join(aligned).rstrip())
+        if i == 0:
+            lines.append("-" * len(lines[-1]))
+    for key in row["ratios"]["decode"]:
+        if not key.endswith("/transformers"):
+            lines.append(f"{key}: decode {_show(row['ratios']['decode'][key], '.2f')}x, prefill "
+                         f"{_show(row['ratios']['prefill'][key], '.2f')}x (> 1: the first is faster)")
+    return lines
+
+
+def plot(result: dict, path: str) -> str:
+    """A PNG of decode tok/s (and each engine's ceiling) and prefill ms against the batch size; the line
+    to print about it."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display needed: the figure only goes to a file
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return f"note: matplotlib is not installed: no plot written to {path}"
+    rows = result["batches"]
+    names = list(dict.fromkeys(n for row in rows for n in row["engines"]))
+    fig, (decode_ax, prefill_ax) = plt.subplots(1, 2, figsize=(11, 4.5))
+    ceilings: dict = {}  # (batches, tok/s) -> engines: bloom and transformers share one ceiling, drawn once
+    for name in names:
+        found = [row for row in rows if name in row["engines"]]
+        batches = [row["batch"] for row in found]
+        numbers = [row["engines"][name] for row in found]
+        decode_ax.plot(batches, [_nan(e["decode_tok_s"]["best"]) for e in numbers], marker="o", label=name)
+        prefill_ax.plot(batches, [1e3 * e["prefill_s"]["best"] for e in numbers], marker="o", label=name)
+        ceilings.setdefault((tuple(batches), tuple(e["ceiling_tok_s"] for e in numbers)), []).append(name)
+    for (batches, values), owners in ceilings.items():
+        decode_ax.plot(batches, values, linestyle="--", color="gray", label=f"ceiling ({', '.join(owners)})")
+    every_batch = sorted({row["batch"] for row in rows})
+    for ax, unit in ((decode_ax, "decode tok/s (best)"), (prefill_ax, "prefill ms (best)")):
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(unit)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xticks(every_batch, labels=[str(b) for b in every_batch])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        # plain numbers (6, not 6 x 10^0); minor ticks labelled only where the axis spans few decades
+        ax.yaxis.set_major_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+        ax.legend(fontsize="small")
+    source = result["model"] or result["shape"]
+    fig.suptitle(f"{source}, {result['dtype']} on {result['device_name']}; prompt {result['prompt_len']}, "
+                 f"{result['new_tokens']} new tokens", fontsize="medium")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return f"plot: {path}"
+
+
+def _nan(value):
+    return float("nan") if value is None else value
+
+
+def measure(args, device, dtype: torch.dtype) -> dict:
+    """Build the engines, measure every batch size (printing the header, then each batch's table); the
+    result (what --json writes, NaN as NaN)."""
+    notes: list[str] = []
+    ours = load_model(args, device, dtype)
+    cfg = ours.config
+    engines = build_engines(ours, args, notes)
+    bandwidth, how = bandwidth_gbs(device)
+    memory = Memory(device)
+    result = {
+        "command": "bloom bench", "model": args.model, "shape": args.shape, "seed": MODEL_SEED,
+        "prompt_seed": PROMPT_SEED,
+        "config": dict(hidden=cfg.hidden_size, layers=cfg.n_layer, heads=cfg.n_head, vocab=cfg.vocab_size),
+        "device": str(device), "device_name": device_name(device), "dtype": args.dtype,
+        "threads": torch.get_num_threads(), "batch": list(args.batch), "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "repeats": args.repeats, "decode": args.decode, "int8": args.int8,
+        "versions": versions(), "bandwidth_gbs": bandwidth, "bandwidth_method": how,
+        "memory_method": memory.method(), "prefill_method": PREFILL_METHOD, "decode_formula": DECODE_FORMULA,
+        "engines": [e.name for e in engines], "notes": notes, "batches": [],
+    }
+    print("\n".join(header(result)), flush=True)
+    progress = _Progress(len(args.batch) * len(engines) * (1 + args.repeats),
+                         enabled=not args.no_progress and sys.stderr.isatty())
+    try:
+        with torch.inference_mode():
+            for batch in args.batch:
+                row = measure_batch(
+                    engines, device=device, vocab=cfg.vocab_size, layers=cfg.n_layer, hidden=cfg.hidden_size,
+                    batch=batch, prompt_len=args.prompt_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                    memory=memory, bandwidth=bandwidth, notes=notes, tick=progress.tick)
+                result["batches"].append(row)
+                if row["engines"]:  # each batch's table as soon as it is measured: a long run shows progress
+                    progress.write("\n" + "\n".join(table(row)))
+    finally:
+        progress.close()
+    return result
 
 
 def run(args) -> int:
-    raise NotImplementedError("benchmark: not written yet")
+    import json
+
+    device = resolve_device(args.device)
+    cuda = device.type == "cuda"
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    args.batch = args.batch or ([1, 16] if cuda else [1, 8])
+    check_args(args, device)
+    if args.model is None:
+        args.shape = args.shape or "bloom-560m"
+    dtype = getattr(torch, DTYPE_NAMES[args.dtype])
+    result = measure(args, device, dtype)
+    if not any(row["engines"] for row in result["batches"]):
+        raise RuntimeError("no engine ran: " + "; ".join(result["notes"]))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(jsonable(result), f, indent=2)
+        print(f"json: {args.json}")
+    if args.plot:
+        print(plot(result, args.plot))
+    return 0
