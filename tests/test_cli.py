@@ -99,3 +99,35 @@ def test_help_documents_every_option():
     for option in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--device",
                    "--dtype", "--int8", "--num-beams", "--no-repeat-ngram-size", "MODEL", "PROMPT"):
         assert option in text
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"bloom {version('bloom-kernels')}"
+
+
+@pytest.mark.parametrize("device, says", [
+    ("gpu0", "'gpu0' is not a device: expected cpu, cuda or cuda:N"),
+    ("cuda:x", "is not a device"),
+    ("mps", "bloom runs on cpu or cuda devices"),
+    ("cuda:7", "CUDA is not available" if not torch.cuda.is_available() else "CUDA device(s)"),
+])
+def test_an_unknown_device_is_one_line(model_dir, capsys, device, says):
+    assert main(["generate", str(model_dir), "Hello", "--device", device]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("bloom: error: --device") and says in err
+
+
+def test_top_k_zero_means_no_top_k_limit(model_dir, capsys):
+    """--top-k 0 is transformers' "no top-k filter" (documented in --help): sampling over every token."""
+    args = ["generate", str(model_dir), "Bonjour", "--max-new-tokens", "6", "--top-k", "0", "--seed", "3"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out == expected_text(model_dir, "Bonjour", max_new_tokens=6, do_sample=True, top_k=None,
+                                generator=torch.Generator().manual_seed(3))
+    assert "0 = no top-k limit" in " ".join(build_parser()._subparsers._group_actions[0]
+                                            .choices["generate"].format_help().split())
