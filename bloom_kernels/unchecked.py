@@ -66,8 +66,14 @@ def zero_padded_new(k: Tensor, v: Tensor, inputs: AttentionInputs) -> tuple[Tens
 def alibi_attention(q: Tensor, k: Tensor, v: Tensor, inputs: AttentionInputs, scale: float | None) -> Tensor:
     """ops.alibi_attention on prepared inputs: q (B, H, Sq, D), k/v (B, H, Sk, D) -> (B, H, Sq, D)."""
     if inputs.bias is not None:
-        return cpu_attention.alibi_attention_biased(q, k, v, inputs.bias, inputs.query_valid, scale,
-                                                    inputs.padded_keys)
+        out = cpu_attention.alibi_attention_biased(q, k, v, inputs.bias, inputs.query_valid, scale,
+                                                   inputs.padded_keys)
+        # SDPA's fp32 scores overflow past |q|·|k| ~ 1e18 (inf - inf = NaN) though the softmax is finite:
+        # then the reference, which shifts q first, answers (a non-finite input stays non-finite there).
+        # A check on the output only (cheap: no K/V pass); not inside a compiled step, which cannot branch.
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(out).all()):
+            return reference.alibi_attention_at(q, k, v, inputs.slopes, inputs.key_positions, scale)
+        return out
     positions = inputs.key_positions
     tensors = (q, k, v, inputs.slopes) if positions is None else (q, k, v, inputs.slopes, positions)
     impl = select("alibi_attention_at", tensors, q, k, v, inputs.slopes, positions, scale)

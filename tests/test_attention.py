@@ -162,6 +162,22 @@ def test_decode_paths_split_and_single(force_triton):
     _compare(q, k, v, slopes, grad=False)
 
 
+@pytest.mark.parametrize("magnitude", [1e10, 1e19, 1e25, 1e30])
+@pytest.mark.parametrize("q_len, k_len", [(40, 70), (3, 130), (1, 20)],
+                         ids=["prefill", "decode-split", "decode-single"])
+def test_scores_past_fp32_range(force_triton, poisoned, magnitude, q_len, k_len):
+    """q·k past fp32's range (issue 14: |q|, |k| ~ 1e19 and up overflow the scores, and inf - inf is
+    NaN) with a finite softmax: the kernels shift q by a power of two and give float64's answer, fp32
+    prefill and decode (split + combine, and single). The probabilities are ~one-hot here."""
+    q, k, v, slopes = _inputs(2, 2, q_len, k_len, 64, torch.float32)
+    q, k = q * magnitude, k * magnitude
+    if k_len == 130:
+        assert decode.num_splits(2 * 2, k_len, KERNEL_DEVICE)[0] > 1
+    check_kernel(bk.alibi_attention, alibi_attention64,
+                 {"q": q, "k": k, "v": v, "slopes": slopes, "mask": _mask(k_len, [0, 5]), "scale": None},
+                 tol=FWD_TOL, dispatched="alibi_attention")
+
+
 def test_zero_length_queries(force_triton, poisoned):
     q, k, v, slopes = _inputs(1, 2, 0, 5, 64, torch.float32)
     k.requires_grad_()
@@ -323,6 +339,17 @@ def test_gpu_decode_and_chunked_prefill_against_long_cache(force_triton, batch, 
     slopes = bk.alibi_slopes(heads, device="cuda")
     mask = _mask(length, [0, 37, 5, 900][:batch])
     _flash_rule(q, cache_k[:, :, :length], cache_v[:, :, :length], slopes, mask, grad=q_len > 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("magnitude", [1e19, 1e30])
+def test_gpu_bf16_decode_scores_past_fp32_range(force_triton, magnitude):
+    """bf16 decode shifts q too (the prefill kernel does so in fp32 only: see attention_fwd.forward)."""
+    q, k, v, slopes = _inputs(2, 16, 1, 3000, 128, torch.bfloat16)
+    q, k = q * magnitude, k * magnitude
+    check_kernel(bk.alibi_attention, alibi_attention64,
+                 {"q": q, "k": k, "v": v, "slopes": slopes, "mask": _mask(3000, [0, 700]), "scale": None},
+                 tol={torch.bfloat16: (1e-2, 1e-2)}, dispatched="alibi_attention")  # one bf16 rounding of v
 
 
 @pytest.mark.gpu

@@ -305,3 +305,21 @@ def test_scores_past_fp32_range_give_the_float64_answer(magnitude, q_len):
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
     probs_out, _ = reference.alibi_attention_probs(q, k, v, slopes, mask)
     torch.testing.assert_close(probs_out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e30])
+def test_cpu_route_scores_past_fp32_range(magnitude, monkeypatch):
+    """The model's fp32 CPU route (SDPA) overflows there; it hands such a call to the reference."""
+    from bloom_kernels import unchecked
+
+    monkeypatch.setenv("BLOOM_KERNELS_BACKEND", "auto")  # this module forces the reference elsewhere
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 3, n, 64, generator=g) for n in (5, 9, 9))
+    q, k = q * magnitude, k * magnitude
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, :2] = 0
+    inputs = unchecked.prepare_attention(reference.alibi_slopes(3), mask, 2, 5, 9, torch.float32)
+    assert inputs.bias is not None  # the SDPA route
+    out = unchecked.alibi_attention(q, k, v, inputs, None)
+    torch.testing.assert_close(out.double(), attention64(q, k, v, reference.alibi_slopes(3), mask)[0],
+                               rtol=1e-5, atol=1e-5)

@@ -154,12 +154,42 @@ def key_block_scores(q, keys, pos_ptrs, start_n, offs_n, offs_d, k_end, ref, slo
 
 
 @triton.jit
-def softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
+def query_shift(q, SCALED: tl.constexpr):
+    """(q * 2^-c, 2^-c, 2^c): the query tile scaled down by a power of two so that q·k cannot overflow fp32.
+
+    Scores past fp32's range (|q|·|k| ~ 1e19 each and up) are inf, and inf - inf is NaN, though their
+    softmax is finite. With every |q * 2^-c| < 2^-10, |q'·k| < D * 2^-10 * max|k| <= max|k| / 8 for
+    D <= 128, whatever k holds; c = max(0, floor(log2 max|q|) + 11), at most 126. The softmax then runs
+    on s' = s * 2^-c and multiplies the shift back after subtracting the row max (softmax_step), where
+    a product past fp32's range is -inf and weighs 0 as it should. Powers of two scale exactly, so
+    ordinary inputs get the rounding they had. One c per program (the max over its query rows, NaN and
+    inf ignored); fp16 (SCALED False) cannot overflow: |s| <= D * 65504^2."""
+    if SCALED:
+        magnitude = tl.abs(q.to(tl.float32))
+        q_max = tl.max(tl.max(tl.where(magnitude < float("inf"), magnitude, 0.0), 1), 0)
+        exponent = ((q_max.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2), -127 at 0
+        c = tl.minimum(tl.maximum(exponent + 11, 0), 126)
+        down = ((127 - c) << 23).to(tl.float32, bitcast=True)  # 2^-c, built from its exponent bits
+        up = ((127 + c) << 23).to(tl.float32, bitcast=True)
+        q = (q.to(tl.float32) * down).to(q.dtype)
+    else:
+        down = 1.0
+        up = 1.0
+    return q, down, up
+
+
+@triton.jit
+def softmax_step(acc, l_i, m_i, s, v, up, SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One online-softmax step: fold the scores s (BLOCK_M, BLOCK_N) and values v into the running
-    max m_i, sum l_i and output acc (rescaled by 2^(m_old - m_new))."""
+    max m_i, sum l_i and output acc (rescaled by 2^(m_old - m_new)). With SCALED, s and m are the
+    scores times 2^-c and `up` = 2^c is multiplied back into each difference (query_shift)."""
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    if SCALED:
+        p = tl.math.exp2((s - m_new[:, None]) * up)
+        alpha = tl.math.exp2((m_i - m_new) * up)
+    else:
+        p = tl.math.exp2(s - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, l_i, m_new
@@ -167,10 +197,12 @@ def softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION: tl.constexpr):
 
 @triton.jit
 def attend(acc, l_i, m_i, q, keys, pos_base, stride_pn, offs_m, offs_n0, offs_d, lo, hi, k_end, key_off,
-           ref, slope2, qk_scale, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr,
+           ref, slope2, qk_scale, up, SCALED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+           HAS_MASK: tl.constexpr,
            CAUSAL: tl.constexpr, MASK_KEYS: tl.constexpr, SPLIT_END: tl.constexpr,
            CARRY_POS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Online softmax of the query rows offs_m over the key blocks [lo, hi).
+    """Online softmax of the query rows offs_m over the key blocks [lo, hi). With SCALED, q and
+    slope2 come scaled by 2^-c and up = 2^c (query_shift).
 
     CAUSAL applies the causal mask (query i sits at key position key_off + i). MASK_KEYS masks the
     loads and positions of keys >= k_end; a key there gets no weight from a query the causal mask
@@ -199,7 +231,7 @@ def attend(acc, l_i, m_i, q, keys, pos_base, stride_pn, offs_m, offs_n0, offs_d,
             if SPLIT_END and not HAS_MASK:  # with a mask, keys >= k_end already have pos -1 (-inf)
                 visible = visible & (offs_n[None, :] < k_end)
             s = tl.where(visible, s, float("-inf"))
-        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, DOT_PRECISION)
+        acc, l_i, m_i = softmax_step(acc, l_i, m_i, s, v, up, SCALED, DOT_PRECISION)
     return acc, l_i, m_i
 
 
@@ -214,9 +246,10 @@ def softmax_init(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def softmax_finish(acc, l_i, m_i):
+def softmax_finish(acc, l_i, m_i, up):
     """(normalised output, base-2 log-sum-exp, has_key) of the rows; a row with no visible key
-    (l = 0) gets zeros and an lse to be replaced by the caller."""
+    (l = 0) gets zeros and an lse to be replaced by the caller. The lse is in true units (m * up):
+    +inf where the largest score itself is past fp32's range."""
     has_key = l_i > 0.0
     l_safe = tl.where(has_key, l_i, 1.0)
-    return acc / l_safe[:, None], m_i + tl.math.log2(l_safe), has_key
+    return acc / l_safe[:, None], m_i * up + tl.math.log2(l_safe), has_key

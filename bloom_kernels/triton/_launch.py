@@ -76,6 +76,12 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def scores_may_overflow(dtype: torch.dtype) -> bool:
+    """Whether q·k in this dtype can pass fp32's range (attention's SCALED, _alibi.query_shift): bf16
+    and fp32 hold values up to ~3e38; fp16's 65504 keeps |q·k| <= 128 * 65504^2."""
+    return dtype != torch.float16
+
+
 def head_dim_block(head_dim: int) -> int:
     """BLOCK_D: the head dim's next power of two, at least 16 (tl.dot's smallest K); the extra columns
     of BLOOM's 80 and 96 are masked."""

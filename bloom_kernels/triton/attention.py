@@ -18,7 +18,11 @@ device, no host sync); the kernels add slope * pos per key column, and -inf wher
 Numerics: the kernels work in base 2 (exp2 with log2(e) folded into the scale and the slopes). The
 ALiBi bias grows with the position (slope * pos reaches thousands), so each program subtracts a
 reference position R from pos before multiplying by the slope; softmax is unchanged by a per-row
-constant and the scores keep their low bits. The saved log-sum-exp L (B, H, Sq) fp32 is relative to
+constant and the scores keep their low bits. Scores past fp32's range (|q|·|k| ~ 1e19 each and up, inf
+and inf - inf = NaN, though the softmax is finite): the fp32 prefill and the fp32/bf16 decode shift
+each program's q tile by a power of two first and multiply it back after subtracting the row max
+(_alibi.query_shift; exact for ordinary inputs); the backward does not (its gradients need scores
+within fp32's range), nor the bf16 prefill (see attention_fwd.forward: registers). The saved log-sum-exp L (B, H, Sq) fp32 is relative to
 each row's own position Sk - Sq + i, so backward programs can rebase it to their own R. A row with no
 visible key (a query at a padded position) has l = 0: it writes zeros and L = +inf, so backward's
 exp2(s - L) is 0 there.
