@@ -123,6 +123,8 @@ def _zero_padded_keys(t: Tensor, key_positions: Tensor | None) -> Tensor:
 def _masked_softmax(scores: Tensor, shift: Tensor) -> Tensor:
     """Softmax over keys of scores * 2^shift (see _attention_scores); a row with no visible key (a
     padded query) gets all-zero weights."""
+    if scores.shape[-1] == 0:  # no keys (hence no queries): nothing to normalise
+        return scores
     top = scores.amax(-1, keepdim=True)
     # Only rows where every key is hidden are zeroed: a NaN/inf coming from the inputs stays visible.
     hidden_row = torch.isneginf(top)
