@@ -9,8 +9,9 @@ special_tokens_map.json. The weights are transformers' random init for the shape
 writes the same weights), so the text generated is gibberish; the point is that every step — tokenise,
 generate, decode, save, load — runs with no network. The tokenizer is a byte-level BPE with BLOOM's
 pre-tokenizer and special tokens (<unk> <s> </s> <pad> = ids 0-3), trained on a short built-in
-multilingual sample (bloom.tokenization.train); its vocabulary is smaller than the model's, which is
-padded as BLOOM's is (250880 rows for 250680 tokens).
+multilingual sample (bloom.tokenization.train), and the model's vocabulary is the tokenizer's (a few
+hundred tokens, not the shape's 250880): a random model would otherwise pick ids that name no token,
+which decode refuses (real BLOOM pads 250680 tokens to 250880 rows and was trained never to pick them).
 
 A DIR that exists and is not empty is refused unless --force, which writes the files above over the
 ones there and leaves any other file alone.
@@ -57,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     # The config's token ids are the tokenizer's, as in bigscience's config.json (pad_token_id 3).
     token_ids = {f"{name}_id": tokenizer.convert_tokens_to_ids(getattr(tokenizer, name))
                  for name in ("bos_token", "eos_token", "pad_token")}
+    token_ids["vocab_size"] = len(tokenizer)  # every id the model can pick names a token (docstring)
     dtype = getattr(torch, DTYPE_NAMES[args.dtype])
     check_disk_space(directory, weight_bytes(args.shape, dtype, token_ids))
 
@@ -122,7 +124,8 @@ def report(directory: Path, written: list[Path], args: argparse.Namespace, model
     """What was written (each file and its size) and the command to try next."""
     c = model.config
     print(f"Wrote a random-weight BLOOM ({args.shape}: hidden {c.hidden_size}, {c.n_layer} layers, {c.n_head} "
-          f"heads, vocab {c.vocab_size}; {model.num_parameters():,} parameters, {args.dtype}, seed {args.seed}) "
+          f"heads, vocab {c.vocab_size} (the tokenizer's); {model.num_parameters():,} parameters, {args.dtype}, "
+          f"seed {args.seed}) "
           f"and a tokenizer of {len(tokenizer)} tokens to {directory}:")
     for path in written:
         print(f"  {path.name:<28} {human_size(path.stat().st_size)}")

@@ -24,11 +24,12 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
 
 
 def shape_config(shape: str, **overrides) -> BloomConfig:
-    """The BloomConfig of a named shape (`overrides`: any other config field)."""
+    """The BloomConfig of a named shape (`overrides`: any config field, the shape's included)."""
     if shape not in SHAPES:
         raise ValueError(f"shape must be one of {', '.join(SHAPES)}; got {shape!r}")
     hidden, layers, heads, vocab = SHAPES[shape]
-    return BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, vocab_size=vocab, **overrides)
+    fields = dict(hidden_size=hidden, n_layer=layers, n_head=heads, vocab_size=vocab)
+    return BloomConfig(**{**fields, **overrides})
 
 
 def random_model(shape: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
