@@ -419,6 +419,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", metavar="FILE", help="write every number and the raw per-repeat times here")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG of decode tok/s and prefill ms by batch size")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (it is off when not a tty)")
+    parser.add_argument("--tensor-parallel", action="store_true",
+                        help="under torchrun --nproc-per-node N: the model split over the N ranks; reports the "
+                             "per-token decode latency and the all-reduce share of it (rank 0 prints)")
 
 
 def check_args(args, device) -> None:
@@ -641,6 +644,76 @@ def measure(args, device, dtype: torch.dtype) -> dict:
     return result
 
 
+def measure_tensor_parallel(args, device, dtype: torch.dtype) -> dict | None:
+    """`bloom bench --tensor-parallel` on every rank: per batch, the decode latency per token (generate n
+    minus generate 1, over n - 1 tokens; the best of --repeats, ranks in step) and the time the step's
+    collectives take on their own with the step's shapes (per token: 2 all-reduces per layer + the
+    embedding's, and the logits' all-gather; eager, timed back to back): their share of the token's
+    time. The result on rank 0 (None on the others)."""
+    import torch.distributed as dist
+
+    from .model import BloomForCausalLM
+    from .parallel import init_distributed, local_bytes, tensor_parallel
+
+    device = init_distributed(device if args.device else None)
+    if args.model is not None:
+        model = BloomForCausalLM.from_pretrained(args.model, torch_dtype=dtype, device=device, tensor_parallel=True)
+    else:  # the same seeded random weights on every rank, then split
+        model = tensor_parallel(random_model(args.shape, dtype=dtype, device=device, seed=MODEL_SEED))
+    if args.int8:
+        from .quantization import quantize_int8
+
+        quantize_int8(model)
+    tp, cfg = model.tp, model.config
+    act = _model_dtype(model)
+    result = {"command": "bloom bench --tensor-parallel", "model": args.model, "shape": args.shape,
+              "world": tp.world, "backend": dist.get_backend(), "device": str(device),
+              "device_name": device_name(device), "dtype": args.dtype, "int8": args.int8, "decode": args.decode,
+              "config": dict(hidden=cfg.hidden_size, layers=cfg.n_layer, heads=cfg.n_head, vocab=cfg.vocab_size),
+              "weight_bytes_per_rank": local_bytes(model), "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "repeats": args.repeats, "batches": []}
+    with torch.inference_mode():
+        for batch in args.batch:
+            ids = prompt_ids(cfg.vocab_size, batch, args.prompt_len, device)
+
+            def generate(n):
+                model.generate(ids, torch.ones_like(ids), max_new_tokens=n, eos_token_id=[], decode=args.decode)
+
+            def timed(fn) -> float:
+                tp.barrier()
+                return wall_s(fn, device)
+
+            generate(args.new_tokens)  # warm-up: compile, capture, tuning
+            prefill = min(timed(lambda: generate(1)) for _ in range(args.repeats))
+            total = min(timed(lambda: generate(args.new_tokens)) for _ in range(args.repeats))
+            per_token = max(total - prefill, 0.0) / (args.new_tokens - 1)
+
+            hidden = torch.randn(batch, 1, cfg.hidden_size, device=device).to(act)
+            logits = torch.randn(batch, tp.vocab_hi - tp.vocab_lo, device=device).to(act)
+
+            def collectives():
+                for _ in range(2 * cfg.n_layer + 1):
+                    tp.all_reduce(hidden)
+                tp.gather_vocab(logits)
+
+            collectives()
+            reps = 10
+            comm = min(timed(lambda: [collectives() for _ in range(reps)]) for _ in range(args.repeats)) / reps
+            result["batches"].append({"batch": batch, "token_ms": 1e3 * per_token, "prefill_ms": 1e3 * prefill,
+                                      "collectives_ms_per_token": 1e3 * comm,
+                                      "all_reduce_share": comm / per_token if per_token > 0 else float("nan")})
+    if tp.rank != 0:
+        return None
+    print(f"bloom bench --tensor-parallel: {tp.world} ranks ({result['backend']}, {device.type}), "
+          f"{result['config']}, {args.dtype}{' int8' if args.int8 else ''}, decode={args.decode}, "
+          f"{result['weight_bytes_per_rank'] / 2**20:.1f} MiB of weights per rank")
+    print(f"{'batch':>5} {'prefill ms':>11} {'ms/token':>9} {'collectives ms/token':>21} {'all-reduce share':>17}")
+    for row in result["batches"]:
+        print(f"{row['batch']:>5} {row['prefill_ms']:>11.2f} {row['token_ms']:>9.3f} "
+              f"{row['collectives_ms_per_token']:>21.3f} {100 * row['all_reduce_share']:>16.1f}%")
+    return result
+
+
 def run(args) -> int:
     import json
 
@@ -652,6 +725,22 @@ def run(args) -> int:
     if args.model is None:
         args.shape = args.shape or "bloom-560m"
     dtype = getattr(torch, DTYPE_NAMES[args.dtype])
+    if getattr(args, "tensor_parallel", False):
+        import torch.distributed as dist
+
+        from .parallel import shutdown
+
+        started = not dist.is_initialized()
+        try:
+            result = measure_tensor_parallel(args, device, dtype)
+        finally:
+            if started:
+                shutdown()
+        if result is not None and args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump(jsonable(result), f, indent=2)
+            print(f"json: {args.json}")
+        return 0
     result = measure(args, device, dtype)
     if not any(row["engines"] for row in result["batches"]):
         raise RuntimeError("no engine ran: " + "; ".join(result["notes"]))

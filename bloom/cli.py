@@ -2,6 +2,7 @@
 
     bloom generate MODEL "prompt" [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P]
                    [--repetition-penalty R] [--seed S] [--device D] [--dtype bf16|fp16|fp32] [--int8]
+                   [--tensor-parallel]   (under torchrun --nproc-per-node N: the model split over N ranks)
     bloom parity [MODEL] [--shape S] [--dtype bf16|fp16|fp32] [--int8] [--device D] [--json FILE] ...
                                         fused path vs reference (and transformers), per layer
     bloom bench [MODEL] [--shape S] [--dtype ...] [--batch B ...] [--json FILE] [--plot FILE] ...
@@ -108,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weights/activations dtype (default: bf16 on a GPU, fp32 on the CPU)")
     gen.add_argument("--int8", action="store_true",
                      help="quantise the weights to int8 while loading (weight-only, per output channel)")
+    gen.add_argument("--tensor-parallel", action="store_true",
+                     help="split the model over the processes of `torchrun --nproc-per-node N` (NCCL on GPUs, "
+                          "one per rank; gloo on CPUs); rank 0 prints")
     gen.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     gen.add_argument("--local-files-only", action="store_true",
                      help="never download: use the local directory or the hub cache only")
@@ -129,6 +133,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    device = resolve_device(args.device)
+    if args.tensor_parallel:
+        import torch.distributed as dist
+
+        from .parallel import init_distributed
+
+        from .parallel import shutdown
+
+        started = not dist.is_initialized()
+        device = init_distributed(device if args.device else None)
+        try:
+            return _generate(args, device, printing=dist.get_rank() == 0, tensor_parallel=True)
+        finally:
+            if started:
+                shutdown()
+    return _generate(args, device)
+
+
+def _generate(args: argparse.Namespace, device, printing: bool = True, tensor_parallel: bool = False) -> None:
     import torch
 
     from .hub import HubOptions
@@ -136,9 +161,6 @@ def run_generate(args: argparse.Namespace) -> None:
     from .streaming import TextStreamer
     from .tokenization import BloomTokenizerFast
 
-    if args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    device = resolve_device(args.device)
     dtype = DTYPE_NAMES[args.dtype] if args.dtype else ("bfloat16" if device.type == "cuda" else "float32")
     hub = HubOptions(revision=args.revision, local_files_only=args.local_files_only).to_kwargs()
 
@@ -146,6 +168,8 @@ def run_generate(args: argparse.Namespace) -> None:
     load = dict(torch_dtype=dtype, device=device, **hub)
     if args.int8:
         load["quantization"] = "int8"
+    if tensor_parallel:
+        load["tensor_parallel"] = True
     model = BloomForCausalLM.from_pretrained(args.model, **load)
 
     encoded = tokenizer(args.prompt, return_tensors="pt")
@@ -162,9 +186,9 @@ def run_generate(args: argparse.Namespace) -> None:
         temperature=1.0 if args.temperature is None else args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
         num_beams=args.num_beams, no_repeat_ngram_size=args.no_repeat_ngram_size or None,
-        generator=generator, streamer=None if beams else TextStreamer(tokenizer),
+        generator=generator, streamer=None if beams or not printing else TextStreamer(tokenizer),
     )
-    if beams:  # the best beam is known only at the end: no streaming
+    if beams and printing:  # the best beam is known only at the end: no streaming
         print(tokenizer.decode(out[0], skip_special_tokens=True))
 
 

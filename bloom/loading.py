@@ -73,8 +73,9 @@ def read_index(path: Path) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 # Reading tensors
 # --------------------------------------------------------------------------------------------------
-def iter_checkpoint(files: list[Path], fmt: str) -> Iterator[tuple[Path, str, Tensor]]:
-    """(file, name, tensor) for every tensor, one file open at a time."""
+def iter_checkpoint(files: list[Path], fmt: str, lazy: bool = False) -> Iterator[tuple[Path, str, Tensor]]:
+    """(file, name, tensor) for every tensor, one file open at a time. `lazy` (safetensors): a
+    bloom.parallel.LazyTensor instead, read (whole or a slice) only when asked, before the next one."""
     for path in files:
         if fmt == "safetensors":
             from safetensors import SafetensorError, safe_open
@@ -82,7 +83,12 @@ def iter_checkpoint(files: list[Path], fmt: str) -> Iterator[tuple[Path, str, Te
             try:
                 with safe_open(str(path), framework="pt", device="cpu") as reader:
                     for name in reader.keys():
-                        yield path, name, reader.get_tensor(name)
+                        if lazy:
+                            from .parallel import LazyTensor
+
+                            yield path, name, LazyTensor(reader, name)
+                        else:
+                            yield path, name, reader.get_tensor(name)
             except SafetensorError as err:
                 raise CheckpointError(f"{path.name} is truncated or corrupt: {err}") from None
         else:
@@ -141,7 +147,7 @@ def tied_keys(model: nn.Module) -> set[str]:
 def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, torch_dtype=None,
                     dtype=None, device=None, hub: HubOptions = HubOptions(), quantization: str | None = None,
                     ignore_mismatched_sizes: bool = False, state_dict: dict | None = None,
-                    **config_overrides) -> tuple[nn.Module, dict]:
+                    tensor_parallel: bool = False, **config_overrides) -> tuple[nn.Module, dict]:
     """Build `cls` on the meta device and fill it from a checkpoint (see module docstring); `hub` says
     how to fetch files when `name_or_path` is a hub id. Returns the model and transformers' loading
     info: {"missing_keys" (initialised afresh), "unexpected_keys", "mismatched_keys" ((name, shape in
@@ -150,6 +156,8 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
 
     quantization="int8" quantises every Linear (lm_head included) tensor by tensor while loading; a
     checkpoint saved from a quantised model is recognised from its config and loads as int8 anyway.
+    tensor_parallel=True (inside a torch.distributed process group): this rank's slices only, read as
+    slices (bloom/parallel.py).
     """
     from .quantization import QUANTIZATION_KEY, quantizing_converter, swap_to_empty_int8
 
@@ -172,6 +180,14 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         target = checkpoint_dtype(config, state_dict.values() if state_dict is not None
                                   else (t for _, _, t in iter_checkpoint(files[:1], fmt)))
     target = target or torch.float32
+    if not isinstance(tensor_parallel, bool):
+        raise ValueError(f"tensor_parallel must be True or False; got {tensor_parallel!r}")
+    tp = None
+    if tensor_parallel:
+        from .parallel import TPContext
+
+        tp = TPContext.create(config, device)  # the clear errors: no group, heads, devices
+        device = tp.device
     device = torch.device(device) if device is not None else torch.device("cpu")
 
     with torch.device("meta"):
@@ -183,8 +199,12 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
     elif quantization == "int8":
         names = swap_to_empty_int8(model, include_lm_head=True)
         tied_head = "lm_head" in names and getattr(config, "tie_word_embeddings", True)
-        convert = quantizing_converter(names, tied_head)
+        convert = quantizing_converter(names, tied_head, None if tp is None else tp.quantizer())
     model.to(target)  # on meta: only sets the dtypes each tensor will be cast to
+    if tp is not None:
+        from .parallel import tensor_parallel as split
+
+        split(model, tp)  # on meta: the local shapes, and tp.plan (what to read of each tensor)
     expected = dict(model.state_dict())
     expected_names = set(expected)
     tied = tied_keys(model) if getattr(config, "tie_word_embeddings", True) else set()
@@ -193,7 +213,7 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
     mismatched: list[tuple[str, tuple, tuple]] = []
 
     progress = _ShardProgress(files, name_or_path)
-    for path, name, tensor in (tensors if tensors is not None else iter_checkpoint(files, fmt)):
+    for path, name, tensor in (tensors if tensors is not None else iter_checkpoint(files, fmt, lazy=tp is not None)):
         progress.update_file(path)
         key = map_name(name, expected_names)
         if key is None:
@@ -201,16 +221,19 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         if key not in expected:
             unexpected.append(name)
             continue
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+        want = tuple(expected[key].shape) if tp is None else tp.full_shape(key, expected[key].shape)
+        if tuple(tensor.shape) != want:
             if ignore_mismatched_sizes:
-                mismatched.append((key, tuple(tensor.shape), tuple(expected[key].shape)))
+                mismatched.append((key, tuple(tensor.shape), want))
                 continue
             raise CheckpointError(
                 f"{path.name}: tensor {name} has shape {tuple(tensor.shape)} but the config "
                 f"({config.hidden_size=}, {config.n_head=}, {config.vocab_size=}) expects "
-                f"{tuple(expected[key].shape)} — does the config match the weights? "
+                f"{want} — does the config match the weights? "
                 "(ignore_mismatched_sizes=True initialises such tensors afresh)"
             )
+        if tp is not None:
+            tensor = tp.take(key, tensor)  # this rank's slice (read as a slice from safetensors)
         if tensor.is_floating_point() and expected[key].is_floating_point():
             placed = {key: tensor.to(device=device, dtype=expected[key].dtype)}
         elif tensor.dtype == expected[key].dtype or convert is not None:
@@ -240,6 +263,10 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
         warnings.warn("newly initialised (shape in the checkpoint differs, ignore_mismatched_sizes=True): "
                       + ", ".join(f"{k} {ckpt} -> {want}" for k, ckpt, want in mismatched), stacklevel=3)
     _materialise_head(model, head_only + sorted(mismatched_names), device, target)
+    if tp is not None:  # replicated tensors initialised afresh: rank 0's on every rank
+        for key in head_only + sorted(mismatched_names):
+            if key not in tp.plan:
+                tp.broadcast_(model.get_parameter(key))
     if hasattr(model, "tie_weights"):
         model.tie_weights()
     model.config.dtype = target
@@ -311,14 +338,30 @@ def parse_size(value: int | str) -> int:
 
 
 def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str = "5GB") -> None:
-    """config.json + model.safetensors (or shards + model.safetensors.index.json past the limit)."""
-    from safetensors.torch import save_file
-
+    """config.json + model.safetensors (or shards + model.safetensors.index.json past the limit). A
+    tensor-parallel model (every rank calls this) writes the whole checkpoint once, from rank 0."""
     directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
     tied = tied_keys(model) if getattr(model.config, "tie_word_embeddings", True) else set()
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items() if k not in tied}
+    tp = getattr(model, "tp", None)
+    if tp is not None:  # tensor parallel: the whole tensors gathered on rank 0, which alone writes
+        state = {k: tp.gather_full(k, v) if k in tp.plan else v.cpu() for k, v in state.items()}
+        if tp.rank != 0:
+            tp.barrier()
+            return
+        try:
+            _write_checkpoint(model, state, directory, limit)
+        finally:
+            tp.barrier()
+        return
+    _write_checkpoint(model, state, directory, limit)
+
+
+def _write_checkpoint(model: nn.Module, state: dict[str, Tensor], directory: Path, limit: int) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
 
     shards: list[dict[str, Tensor]] = [{}]
     size = 0

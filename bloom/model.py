@@ -181,15 +181,24 @@ class BloomModel(BloomPreTrainedModel):
         self.init_weights()
 
     def alibi_slopes(self, device: torch.device) -> Tensor:
-        """fp32 (H,) slopes, made once per device (kept out of the state dict and of .to(dtype))."""
+        """fp32 (H,) slopes, made once per device (kept out of the state dict and of .to(dtype)). Tensor
+        parallel: this rank's heads' slice of the GLOBAL slopes."""
         if device not in self._slopes:
-            self._slopes[device] = bk.alibi_slopes(self.config.n_head, device)
+            slopes = bk.alibi_slopes(self.config.n_head, device)
+            if self.tp is not None:
+                slopes = slopes[self.tp.head_lo:self.tp.head_hi].contiguous()
+            self._slopes[device] = slopes
         return self._slopes[device]
+
+    @property
+    def local_heads(self) -> int:
+        """Heads this process computes (all of them, or a tensor-parallel rank's share)."""
+        return self.config.n_head if self.tp is None else self.tp.local_heads
 
     def new_cache(self, batch_size: int, capacity: int, *, dtype: torch.dtype, device,
                   growable: bool = False) -> BloomCache:
         c = self.config
-        return BloomCache(c.n_layer, batch_size, c.n_head, c.head_dim, capacity, dtype=dtype,
+        return BloomCache(c.n_layer, batch_size, self.local_heads, c.head_dim, capacity, dtype=dtype,
                           device=device, growable=growable)
 
     def forward(
@@ -220,9 +229,13 @@ class BloomModel(BloomPreTrainedModel):
             use_cache = config.use_cache and not self.training
 
         if past_key_values is not None and not isinstance(past_key_values, BloomCache):
-            past_key_values = BloomCache.from_legacy_cache(past_key_values, config.n_head)
+            past_key_values = BloomCache.from_legacy_cache(past_key_values, self.local_heads)
+        tp = self.tp
         head_mask = check_forward_inputs(config, input_ids, inputs_embeds, attention_mask,
-                                         past_key_values, head_mask, self.word_embeddings.weight)
+                                         past_key_values if tp is None else tp.checked_cache(past_key_values),
+                                         head_mask, self.word_embeddings.weight)
+        if tp is not None and head_mask is not None:
+            head_mask = head_mask[:, tp.head_lo:tp.head_hi]
         if self.word_embeddings.weight.dtype == torch.float64 and not self.__dict__.get("_said_float64"):
             self.__dict__["_said_float64"] = True  # once per model, not per forward
             warnings.warn("BloomModel in float64: LayerNorm, attention and softmax compute in fp32 at most, so "
@@ -236,6 +249,8 @@ class BloomModel(BloomPreTrainedModel):
         hidden, all_hidden, all_attentions = self.run(
             embeds, cache, attention_mask, head_mask, output_attentions, output_hidden_states
         )
+        if tp is not None and all_attentions:  # every head's probabilities, as one process returns them
+            all_attentions = tuple(tp.all_gather(p, dim=1) for p in all_attentions)
         out = BaseModelOutputWithPast(hidden, cache, all_hidden, all_attentions)
         return out if return_dict else out.to_tuple()
 
@@ -322,6 +337,8 @@ class BloomForCausalLM(BloomPreTrainedModel):
 
         defaults = GenerationConfig.from_any(generation_config if generation_config is not None
                                              else self.generation_config).generate_kwargs()
+        if self.tp is not None:  # every rank must sample the same tokens: rank 0's seed for all
+            kwargs["generator"] = self.tp.shared_seed(kwargs.get("generator"))
         return generate(self, input_ids, attention_mask, **{**defaults, **kwargs})
 
     def forward(

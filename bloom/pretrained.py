@@ -44,6 +44,7 @@ def _copy_rows(old: torch.Tensor, new: torch.Tensor) -> None:
 class BloomPreTrainedModel(nn.Module):
     config_class = BloomConfig
     base_model_prefix = "transformer"
+    tp = None  # bloom.parallel.TPContext of a tensor-parallel model (set by bloom.parallel.tensor_parallel)
 
     def __init__(self, config: BloomConfig):
         super().__init__()
@@ -78,7 +79,8 @@ class BloomPreTrainedModel(nn.Module):
                         local_files_only: bool = False, token=None, subfolder: str | None = None,
                         quantization: str | None = None, output_loading_info: bool = False,
                         ignore_mismatched_sizes: bool = False, state_dict=None, low_cpu_mem_usage=None,
-                        attn_implementation: str | None = None, **config_overrides):
+                        attn_implementation: str | None = None, tensor_parallel: bool = False,
+                        **config_overrides):
         """Load a checkpoint from a local directory or a hub id (see bloom/loading.py), with
         transformers' keyword arguments:
 
@@ -93,6 +95,9 @@ class BloomPreTrainedModel(nn.Module):
         low_cpu_mem_usage: accepted; loading is always lean (built on the meta device, filled tensor by
             tensor). attn_implementation: "eager", "sdpa", "flash_attention_2", "flex_attention" accepted
             (the fused ALiBi kernels always run; BLOOM's attention has no other implementation here).
+        tensor_parallel=True: Megatron-style tensor parallelism inside an initialised torch.distributed
+            process group (run under torchrun): this rank loads and holds its slices only; device None
+            or "cuda" is cuda:LOCAL_RANK with NCCL (else the CPU). See bloom/parallel.py.
         Remaining keyword arguments override config fields.
         """
         from .loading import load_pretrained
@@ -112,7 +117,7 @@ class BloomPreTrainedModel(nn.Module):
         model, info = load_pretrained(cls, name_or_path, config=config, torch_dtype=torch_dtype, dtype=dtype,
                                       device=device, hub=hub, quantization=quantization,
                                       ignore_mismatched_sizes=ignore_mismatched_sizes, state_dict=state_dict,
-                                      **config_overrides)
+                                      tensor_parallel=tensor_parallel, **config_overrides)
         return (model, info) if output_loading_info else model
 
     def save_pretrained(self, save_directory, max_shard_size: int | str = "5GB") -> None:
@@ -169,6 +174,9 @@ class BloomPreTrainedModel(nn.Module):
         """Grow or shrink the vocabulary (after tokenizer.add_tokens): the kept rows are copied, new
         rows start at the mean of the old ones (transformers' mean resizing), an untied lm_head is
         resized alike, a tied one stays tied; config.vocab_size follows. Returns the input embeddings."""
+        if self.tp is not None:
+            raise NotImplementedError("resize_token_embeddings on a tensor-parallel model: resize in one process, "
+                                      "save, and load that checkpoint with tensor_parallel=True")
         old = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
             return old

@@ -95,7 +95,12 @@ def quantize_int8(model: nn.Module, include_lm_head: bool = True) -> nn.Module:
     """Swap every nn.Linear of a loaded model for an Int8Linear, in place; returns the model."""
     if getattr(model.config, QUANTIZATION_KEY, None):
         raise ValueError("this model is already quantised")
-    _swap_linears(model, include_lm_head, Int8Linear.from_linear)
+    tp = getattr(model, "tp", None)
+    if tp is None:
+        _swap_linears(model, include_lm_head, Int8Linear.from_linear)
+    else:  # tensor parallel: split rows quantised with the whole row's scale, the split classes kept
+        names = iter(linear_targets(model, include_lm_head))
+        _swap_linears(model, include_lm_head, lambda linear: tp.int8_from_linear(next(names), linear))
     return model
 
 
@@ -106,20 +111,25 @@ def swap_to_empty_int8(model: nn.Module, include_lm_head: bool) -> list[str]:
         dtype=old.weight.dtype))
 
 
-def quantizing_converter(quantized_modules: list[str], tied_lm_head: bool):
+def quantizing_converter(quantized_modules: list[str], tied_lm_head: bool, quantize=None):
     """A `convert` hook for the loader: float Linear weights arriving from a float checkpoint are
-    quantised on the spot (on the target device), so the float model never exists in full."""
+    quantised on the spot (on the target device), so the float model never exists in full.
+    `quantize(key, weight)`: (int8, scale) (default: bk.quantize_int8; a tensor-parallel rank's quantiser
+    gives a split row the whole row's scale)."""
     weights = {name + ".weight" for name in quantized_modules}
+    if quantize is None:
+        def quantize(key, weight):
+            return bk.quantize_int8(weight)
 
     def convert(model: nn.Module, key: str, tensor: Tensor) -> dict[str, Tensor]:
         out = {}
         if key in weights and tensor.is_floating_point():
             module = key[: -len(".weight")]
-            out[key], out[module + ".scale"] = bk.quantize_int8(tensor)
+            out[key], out[module + ".scale"] = quantize(key, tensor)
         else:
             out[key] = tensor
         if tied_lm_head and key.endswith("word_embeddings.weight") and "lm_head.weight" not in out:
-            out["lm_head.weight"], out["lm_head.scale"] = bk.quantize_int8(tensor)
+            out["lm_head.weight"], out["lm_head.scale"] = quantize("lm_head.weight", tensor)
         return out
 
     return convert
