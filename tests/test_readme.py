@@ -2,14 +2,18 @@
 
 The `bloom ...` lines of the "First steps" section run through the CLI's main (in a temporary working
 directory, so `./tiny-bloom` lands there); then every ```python block of the README runs, in order, in
-one namespace (the snippets build on each other, as a reader running them in turn would). The hub is
-switched off: a snippet that needed the network would fail here.
+one namespace (the snippets build on each other, as a reader running them in turn would), and every
+```python torchrun block as a script under `torchrun --nproc-per-node 2` (gloo). The hub is switched
+off: a snippet that needed the network would fail here.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +25,9 @@ from bloom import cli  # noqa: E402
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def _blocks(language: str, text: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.S | re.M)
+def _blocks(info: str, text: str) -> list[str]:
+    """The code of the fenced blocks whose info string is exactly `info`."""
+    return re.findall(rf"^```{info}\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def _section(text: str, title: str) -> str:
@@ -58,3 +63,14 @@ def test_first_steps_then_every_python_snippet(tmp_path, monkeypatch, capsys):
         except Exception as err:
             pytest.fail(f"README python block {i + 1} failed: {type(err).__name__}: {err}\n{code}")
     assert namespace["report"].passed
+
+    for i, code in enumerate(_blocks("python torchrun", text)):
+        script = tmp_path / f"readme_torchrun_{i + 1}.py"
+        script.write_text(code, encoding="utf-8")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "BLOOM_KERNELS_CPU_ROUTE": "default"}
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+                              "2", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                             timeout=180)
+        assert run.returncode == 0, f"README torchrun block {i + 1} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+        assert "The capital of France is" in run.stdout  # rank 0 printed the generated text
+        assert (tmp_path / "tiny-bloom-copy" / "model.safetensors").is_file()
