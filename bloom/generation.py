@@ -110,9 +110,11 @@ def check_length_limits(config, total: int) -> None:
 # --------------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------------
-def _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length, min_length) -> tuple[int, int]:
-    """(max_new_tokens, min_new_tokens) from transformers' two ways of saying them."""
-    prompt_len = input_ids.shape[-1] if isinstance(input_ids, Tensor) and input_ids.dim() else 0
+def new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length, min_length) -> tuple[int, int]:
+    """(max_new_tokens, min_new_tokens) from transformers' two ways of saying them; input_ids a tensor
+    or array (the Flax generate's too)."""
+    shape = getattr(input_ids, "shape", ())
+    prompt_len = shape[-1] if len(shape) else 0
     if max_new_tokens is None:
         if max_length is None:
             raise ValueError("generate needs max_new_tokens or max_length (which counts the prompt)")
@@ -165,7 +167,7 @@ def generate(model, input_ids: Tensor | None, attention_mask: Tensor | None = No
     beams = num_beams != 1
     if beams:
         check_beam_options(num_beams, length_penalty, early_stopping, num_return_sequences, do_sample)
-    max_new_tokens, min_new_tokens = _new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length,
+    max_new_tokens, min_new_tokens = new_token_limits(input_ids, max_new_tokens, min_new_tokens, max_length,
                                                        min_length)
     opts = GenerationOptions(
         config, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=do_sample,

@@ -144,6 +144,17 @@ def tied_keys(model: nn.Module) -> set[str]:
 # --------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------
+def resolve_config(name_or_path, config: BloomConfig | None, state_dict, hub: HubOptions,
+                   overrides: dict) -> BloomConfig:
+    """The config a from_pretrained loads with: `config` (with the `overrides` of its fields), else the
+    checkpoint's config.json; name_or_path=None (weights given as state_dict=) needs config=."""
+    if name_or_path is None and (config is None or state_dict is None):
+        raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
+    if config is None:
+        return BloomConfig._from_hub(name_or_path, hub, **overrides)
+    return BloomConfig.from_dict(config.to_dict(), **overrides) if overrides else config
+
+
 def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, torch_dtype=None,
                     dtype=None, device=None, hub: HubOptions = HubOptions(), quantization: str | None = None,
                     ignore_mismatched_sizes: bool = False, state_dict: dict | None = None,
@@ -163,12 +174,7 @@ def load_pretrained(cls, name_or_path, *, config: BloomConfig | None = None, tor
 
     if quantization not in (None, "int8"):
         raise ValueError(f"quantization must be None or 'int8'; got {quantization!r}")
-    if name_or_path is None and (config is None or state_dict is None):
-        raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
-    if config is None:
-        config = BloomConfig._from_hub(name_or_path, hub, **config_overrides)
-    elif config_overrides:
-        config = BloomConfig.from_dict(config.to_dict(), **config_overrides)
+    config = resolve_config(name_or_path, config, state_dict, hub, config_overrides)
     if state_dict is not None:
         files, fmt = [], "state_dict"
         tensors = [(Path("state_dict"), name, tensor) for name, tensor in state_dict.items()]
@@ -337,6 +343,38 @@ def parse_size(value: int | str) -> int:
     return size
 
 
+def write_safetensors(state: dict[str, Tensor], directory: Path, limit: int) -> None:
+    """state as model.safetensors, or as shards of at most `limit` bytes (a tensor larger than that gets a
+    shard of its own) + model.safetensors.index.json, transformers' layout; other shards removed."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+
+    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob(SAFE_INDEX)):
+        stale.unlink()  # a previous save with another sharding must not linger
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / file), metadata=metadata)
+        weight_map.update({name: file for name in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str = "5GB") -> None:
     """config.json + model.safetensors (or shards + model.safetensors.index.json past the limit). A
     tensor-parallel model (every rank calls this) writes the whole checkpoint once, from rank 0."""
@@ -359,35 +397,7 @@ def save_pretrained(model: nn.Module, save_directory, max_shard_size: int | str 
 
 
 def _write_checkpoint(model: nn.Module, state: dict[str, Tensor], directory: Path, limit: int) -> None:
-    from safetensors.torch import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-
-    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob(SAFE_INDEX)):
-        stale.unlink()  # a previous save with another sharding must not linger
-    metadata = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata=metadata)
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / file), metadata=metadata)
-            weight_map.update({name: file for name in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
+    write_safetensors(state, directory, limit)
     config = BloomConfig.from_dict(model.config.to_dict())
     config.architectures = [type(model).__name__]
     float_dtypes = [p.dtype for p in model.parameters() if p.is_floating_point()]

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..generation import GenerationOptions, check_length_limits
+from ..generation import GenerationOptions, check_length_limits, new_token_limits
 from .checks import check_attention_mask, check_input_ids
 from .modeling import empty_cache
 
@@ -147,13 +147,7 @@ def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int | Non
     config = model.config
     check_input_ids("input_ids", input_ids, config.vocab_size)
     batch, prompt_len = np.shape(input_ids)
-    if max_new_tokens is None:
-        if max_length is None:
-            raise ValueError("generate needs max_new_tokens or max_length (which counts the prompt)")
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length <= prompt_len:
-            raise ValueError(f"max_length ({max_length!r}) counts the prompt and must exceed its length "
-                             f"({prompt_len}); or pass max_new_tokens")
-        max_new_tokens = max_length - prompt_len
+    max_new_tokens, _ = new_token_limits(np.asarray(input_ids), max_new_tokens, 0, max_length, None)
     opts = GenerationOptions(config, max_new_tokens=max_new_tokens, min_new_tokens=0, do_sample=do_sample,
                              temperature=temperature, top_k=top_k, top_p=top_p, repetition_penalty=1.0,
                              eos_token_id=eos_token_id, pad_token_id=pad_token_id, num_return_sequences=1)

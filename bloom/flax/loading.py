@@ -9,7 +9,6 @@ module's init, so nothing is initialised at random. Tensors are converted one at
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -21,7 +20,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from ..config import BloomConfig
 from ..hub import HubOptions, resolve_file
 from ..loading import (SAFE_INDEX, SAFE_WEIGHTS, CheckpointError, find_weight_files, iter_checkpoint, map_name,
-                       parse_size, read_index)
+                       parse_size, read_index, write_safetensors)
 from .convert import array_to_tensor, tensor_to_array, torch_name, torch_shape
 
 FLAX_WEIGHTS = "flax_model.msgpack"
@@ -139,38 +138,13 @@ def _read_msgpack(files, expected, place) -> dict[tuple[str, ...], jax.Array]:
 def save_params(params: dict, config: BloomConfig, directory, architecture: str,
                 max_shard_size: int | str = "5GB") -> None:
     """config.json + model.safetensors (or shards and an index) under PyTorch BLOOM's names."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
     state = {}
     for path, array in flatten_dict(params).items():
         name, transpose = torch_name(path)
         state[name] = array_to_tensor(array, transpose)
-
-    shards: list[dict] = [{}]
-    size = 0
-    for name, tensor in state.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
-    for stale in list(directory.glob("model*.safetensors")) + list(directory.glob(SAFE_INDEX)):
-        stale.unlink()  # a previous save with another sharding must not linger
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / SAFE_WEIGHTS), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards, 1):
-            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, str(directory / file), metadata={"format": "pt"})
-            weight_map.update({name: file for name in shard})
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (directory / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_safetensors(state, directory, limit)
 
     saved = BloomConfig.from_dict(config.to_dict())
     saved.architectures = [architecture]

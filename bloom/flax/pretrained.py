@@ -16,6 +16,7 @@ from flax.core import unfreeze
 
 from ..config import BloomConfig
 from ..hub import HubOptions
+from ..loading import resolve_config
 from .attention import IMPLEMENTATIONS
 from .checks import check_attention_mask, check_cache, check_input_ids, is_traced
 from .loading import find_checkpoint, load_params, save_params
@@ -174,12 +175,7 @@ class FlaxBloomPreTrainedModel:
         tensors, e.g. `bloom.BloomForCausalLM(...).state_dict()`): the model from those tensors."""
         hub = HubOptions(revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
                          subfolder=subfolder)
-        if name_or_path is None and (config is None or state_dict is None):
-            raise ValueError("from_pretrained(None, ...) needs both config= and state_dict=")
-        if config is None:
-            config = BloomConfig._from_hub(name_or_path, hub, **config_overrides)
-        elif config_overrides:
-            config = BloomConfig.from_dict(config.to_dict(), **config_overrides)
+        config = resolve_config(name_or_path, config, state_dict, hub, config_overrides)
         model = cls(config, dtype=dtype, _do_init=False, param_dtype=param_dtype,
                     attention_implementation=attention_implementation)
         files, fmt = ([], "state_dict") if state_dict is not None else find_checkpoint(name_or_path, hub)
