@@ -686,7 +686,8 @@ def measure_tensor_parallel(args, device, dtype: torch.dtype) -> dict | None:
             generate(args.new_tokens)  # warm-up: compile, capture, tuning
             prefill = min(timed(lambda: generate(1)) for _ in range(args.repeats))
             total = min(timed(lambda: generate(args.new_tokens)) for _ in range(args.repeats))
-            per_token = max(total - prefill, 0.0) / (args.new_tokens - 1)
+            # NaN, not 0, when noise made the longer run no slower (tiny models, one repeat)
+            per_token = (total - prefill) / (args.new_tokens - 1) if total > prefill else float("nan")
 
             hidden = torch.randn(batch, 1, cfg.hidden_size, device=device).to(act)
             logits = torch.randn(batch, tp.vocab_hi - tp.vocab_lo, device=device).to(act)

@@ -262,7 +262,7 @@ def test_bench_under_torchrun_reports_latency_and_all_reduce_share(tmp_path):
 
     out = tmp_path / "bench.json"
     printed = launch(2, ["-m", "bloom.cli", "bench", "--shape", "tiny", "--tensor-parallel", "--device", "cpu",
-                         "--new-tokens", "4", "--repeats", "1", "--batch", "1", "--json", str(out)])
+                         "--new-tokens", "16", "--repeats", "3", "--batch", "1", "--json", str(out)])
     assert "all-reduce share" in printed and printed.count("bloom bench --tensor-parallel") == 1  # rank 0 only
     result = json.loads(out.read_text())
     assert result["world"] == 2 and result["backend"] == "gloo"
