@@ -31,7 +31,7 @@ import sys
 import torch
 
 # the timing pieces `bloom bench` uses too (the package cannot import from bench/)
-from bloom import benchmark as _timing  # noqa: E402
+from bloom import measure as _timing  # noqa: E402
 
 wall_s, best_wall_s, guarded = _timing.wall_s, _timing.best_wall_s, _timing.guarded
 

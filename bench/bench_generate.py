@@ -40,7 +40,7 @@ Before timing, the greedy outputs are compared: bloom vs transformers must be id
 differ!)" otherwise); CTranslate2 (and bloom int8) report agreement, the mean over rows of the common
 prefix of their new tokens with the fp reference's (transformers', else bloom's), as a fraction.
 
-The engines, the timing loop, the memory and bandwidth measures and the arithmetic are bloom/benchmark.py's
+The engines, the timing loop, the memory and bandwidth measures and the arithmetic are bloom/measure.py's
 (the same as `bloom bench`, the installed command); this script adds CTranslate2, the goals and the tables.
 
 Results: per preset <out>/generate-<preset>-<device>-<dtype>[-int8].json (every number above),
@@ -66,8 +66,8 @@ import tempfile
 
 import torch
 
-from bloom import benchmark
-from bloom.benchmark import Engine, Memory, bandwidth_gbs, jsonable, spread, wall_s
+from bloom import measure as benchmark  # the timing core `bloom bench` uses too
+from bloom.measure import Engine, Memory, bandwidth_gbs, jsonable, spread, wall_s
 from bloom.shapes import SHAPES, random_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/_common.py
@@ -109,7 +109,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------------------------------------- engines
 
 def torch_engines(args, device, dtype, notes: list[str]):
-    """[bloom, bloom int8?, transformers?] on the same random weights (bloom.benchmark's engines), and
+    """[bloom, bloom int8?, transformers?] on the same random weights (bloom.measure's engines), and
     transformers' model (for CTranslate2's conversion, even with --no-transformers) or None."""
     from bloom import quantize_int8
 
@@ -190,14 +190,14 @@ def ct2_engines(args, theirs, engines, workdir: str, notes: list[str]) -> list[E
 
 def measure_batch(engines, args, device, vocab: int, batch: int, prompt_len: int, new_tokens: int, memory: Memory,
                   bandwidth: float):
-    """One batch size through bloom.benchmark.measure_batch (outputs compared, engines timed interleaved)."""
+    """One batch size through bloom.measure.measure_batch (outputs compared, engines timed interleaved)."""
     hidden, layers = PRESETS[args.preset_name][:2]
     return benchmark.measure_batch(engines, device=device, vocab=vocab, layers=layers, hidden=hidden, batch=batch,
                                    prompt_len=prompt_len, new_tokens=new_tokens, repeats=args.repeats,
                                    memory=memory, bandwidth=bandwidth, pairs=RATIOS)
 
 
-# bloom.benchmark's pairs and CTranslate2's, in the order the JSON has always listed them
+# bloom.measure's pairs and CTranslate2's, in the order the JSON has always listed them
 RATIOS = [("bloom", "transformers"), ("bloom", "ct2"), ("bloom int8", "bloom"), ("bloom int8", "ct2 int8"),
           ("bloom int8", "transformers")]
 

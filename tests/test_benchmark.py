@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 
-from bloom import benchmark
+from bloom import benchmark, measure
 from bloom.cli import main
 
 BATCH, PROMPT, NEW, REPEATS = 1, 8, 4, 2
@@ -175,13 +175,13 @@ def test_bench_bad_arguments_are_one_line(extra, option, capsys):
 
 
 def test_arithmetic_helpers():
-    assert benchmark.spread([3.0, 1.0, 2.0]) == {"best": 1.0, "median": 2.0, "spread": 1.0, "all": [3.0, 1.0, 2.0]}
-    assert benchmark.decode_rate(8, 33, 2.0, 1.0) == 256.0
-    assert math.isnan(benchmark.decode_rate(1, 4, 1.0, 1.0))  # no time added: no rate
-    assert benchmark.kv_bytes(layers=24, hidden=1024, batch=2, prompt_len=32, new_tokens=32, element_size=2) == \
+    assert measure.spread([3.0, 1.0, 2.0]) == {"best": 1.0, "median": 2.0, "spread": 1.0, "all": [3.0, 1.0, 2.0]}
+    assert measure.decode_rate(8, 33, 2.0, 1.0) == 256.0
+    assert math.isnan(measure.decode_rate(1, 4, 1.0, 1.0))  # no time added: no rate
+    assert measure.kv_bytes(layers=24, hidden=1024, batch=2, prompt_len=32, new_tokens=32, element_size=2) == \
         2 * 24 * 2 * 48 * 1024 * 2
-    assert benchmark.ceiling_tok_s(4, 100.0, 1e9) == 400.0
-    assert benchmark.jsonable({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
+    assert measure.ceiling_tok_s(4, 100.0, 1e9) == 400.0
+    assert measure.jsonable({"a": [float("nan"), 1.0]}) == {"a": [None, 1.0]}
 
 
 def test_weight_bytes_counts_a_tied_embedding_once():
@@ -189,4 +189,4 @@ def test_weight_bytes_counts_a_tied_embedding_once():
 
     model = random_model("tiny")
     params = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: listed once
-    assert benchmark.weight_bytes(model) == params
+    assert measure.weight_bytes(model) == params
