@@ -29,6 +29,7 @@ SUBCOMMANDS = (
     ("bench", "bloom.benchmark", "prefill latency, decode tokens/s and peak memory against transformers"),
     ("init", "bloom.init_checkpoint", "write a random-weight checkpoint + tokenizer to a local directory"),
 )
+SUBCOMMAND_MODULES = {name: module for name, module, _ in SUBCOMMANDS}
 
 
 def package_version() -> str:
@@ -139,9 +140,7 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.tensor_parallel:
         import torch.distributed as dist
 
-        from .parallel import init_distributed
-
-        from .parallel import shutdown
+        from .parallel import init_distributed, shutdown
 
         started = not dist.is_initialized()
         device = init_distributed(device if args.device else None)
@@ -197,9 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             run_generate(args)
-        elif args.command in {name for name, _, _ in SUBCOMMANDS}:
-            module = dict((name, module) for name, module, _ in SUBCOMMANDS)[args.command]
-            return importlib.import_module(module).run(args)
+        elif args.command in SUBCOMMAND_MODULES:
+            return importlib.import_module(SUBCOMMAND_MODULES[args.command]).run(args)
         elif args.command == "tune":
             from bloom_kernels import tune
 

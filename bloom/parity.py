@@ -40,11 +40,9 @@ kernels.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -52,9 +50,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from bloom_kernels._dispatch import requested_backend, use_backend
+
 from .cli import DTYPE_NAMES, add_device_argument, resolve_device
 
-BACKEND_ENV = "BLOOM_KERNELS_BACKEND"  # bloom_kernels/_dispatch.py reads it on every call
 DEFAULT_BATCH, DEFAULT_SEQ_LEN, DEFAULT_NEW_TOKENS = 2, 32, 8
 
 
@@ -166,21 +165,6 @@ class ParityReport:
 # --------------------------------------------------------------------------------------------------
 # The paths
 # --------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def forced_backend(name: str):
-    """BLOOM_KERNELS_BACKEND=name inside, restored after (dispatch reads it per call, so this is enough:
-    nothing in the model or the decode step caches which backend ran)."""
-    old = os.environ.get(BACKEND_ENV)
-    os.environ[BACKEND_ENV] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(BACKEND_ENV, None)
-        else:
-            os.environ[BACKEND_ENV] = old
-
-
 def is_quantized(model) -> bool:
     from .quantization import QUANTIZATION_KEY
 
@@ -211,7 +195,6 @@ def transformers_twin(reference):
 
 
 def describe_fused(device: torch.device) -> str:
-    from bloom_kernels._dispatch import requested_backend
     from bloom_kernels.triton._launch import triton_interpreting
 
     backend = requested_backend()
@@ -341,7 +324,7 @@ def compare(model, input_ids: Tensor, attention_mask: Tensor | None = None, *, n
 
     fused_text = describe_fused(device) + f", {str(model.dtype).removeprefix('torch.')}" + (", int8" if int8 else "")
     fused = run_ours(model, input_ids, attention_mask, new_tokens)
-    with forced_backend("reference"):
+    with use_backend("reference"):
         # eager decode: a reference step has nothing to gain from a captured graph
         ref = run_ours(reference, input_ids, attention_mask, new_tokens, decode="eager")
     comparisons = [compare_outputs("reference", fused, ref, real)]

@@ -42,6 +42,7 @@ failure there raises too; a case already recorded traces to the reference.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import inspect
@@ -90,6 +91,23 @@ def requested_backend() -> str:
     if value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}; got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """BLOOM_KERNELS_BACKEND=name inside the block, the previous value after it. Every call reads the
+    variable (requested_backend), so this switches what runs without rebuilding anything."""
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {name!r}")
+    saved = os.environ.get(BACKEND_ENV)
+    os.environ[BACKEND_ENV] = name
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = saved
 
 
 _kernel_modules: dict[str, ModuleType | None] = {}

@@ -346,3 +346,17 @@ def test_auto_tries_kernels_tensors_never_imports_triton():
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr
+
+
+def test_use_backend_sets_and_restores_the_variable(monkeypatch):
+    monkeypatch.setenv(_dispatch.BACKEND_ENV, "triton")
+    with _dispatch.use_backend("reference"):
+        assert _dispatch.requested_backend() == "reference"
+    assert _dispatch.requested_backend() == "triton"
+    monkeypatch.delenv(_dispatch.BACKEND_ENV)
+    with pytest.raises(ValueError, match="backend must be one of auto, triton, reference; got 'cuda'"):
+        with _dispatch.use_backend("cuda"):
+            pass
+    with _dispatch.use_backend("reference"):
+        pass
+    assert _dispatch.BACKEND_ENV not in os.environ
