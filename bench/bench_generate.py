@@ -9,7 +9,7 @@ Engines (each one that cannot run is skipped with a printed note):
   bloom          bloom.BloomForCausalLM.generate(decode=--decode), eos disabled (eos_token_id=[])
   bloom int8     (--int8) the same weights through bloom.quantize_int8: weight-only int8, per output
                  channel, lm_head included; the row "bloom" (fp32 or --dtype) stays for the int8/fp ratio
-  transformers   transformers.BloomForCausalLM holding the same state dict, greedy, min_new_tokens =
+  transformers   transformers.BloomForCausalLM on the same weight tensors (no copy), greedy, min_new_tokens =
                  max_new_tokens (--no-transformers)
   ct2, ct2 int8  CTranslate2's Generator on the CPU (--no-ctranslate2; skipped on CUDA and when
                  `ctranslate2` is not importable): transformers' model converted once (float32), loaded

@@ -7,8 +7,8 @@ random weights of a named shape).
     bloom bench bigscience/bloom-560m --device cuda --batch 1 16 64 --plot bench.png
 
 Engines: "bloom" (BloomForCausalLM.generate(decode=--decode)), "bloom int8" (--int8: the same weights
-through quantize_int8, weight-only int8), "transformers" (transformers.BloomForCausalLM holding the same
-state dict; --no-transformers). Every engine gets the same prompt (random ids, --prompt-len long, no
+through quantize_int8, weight-only int8), "transformers" (transformers.BloomForCausalLM on the same weight
+tensors, bloom.interop; --no-transformers). Every engine gets the same prompt (random ids, --prompt-len long, no
 padding) and makes exactly --new-tokens greedy tokens per row (end-of-sequence disabled).
 
 Measured per batch size, after one untimed call per engine (compilation, tuning, graph capture), the

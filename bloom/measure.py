@@ -69,20 +69,9 @@ def transformers_engine(model) -> Engine:
 
 
 def transformers_twin(ours):
-    """transformers.BloomForCausalLM holding our model's state dict, on its device in its dtype (raises
-    ImportError without transformers, ValueError for an int8 model, which transformers cannot hold)."""
-    import transformers
-
-    from .quantization import QUANTIZATION_KEY
-
-    if getattr(ours.config, QUANTIZATION_KEY, None):
-        raise ValueError("the model is int8-quantised: transformers' BloomForCausalLM cannot hold its weights")
-    fields = {k: v for k, v in ours.config.to_dict().items() if k not in ("dtype", "model_type")}
-    dtype, device = model_dtype(ours), next(ours.parameters()).device
-    with torch.device(device):  # built where it runs: no second host copy of a GPU model
-        theirs = transformers.BloomForCausalLM(transformers.BloomConfig(**fields)).to(dtype).eval()
-    theirs.load_state_dict(ours.state_dict())
-    return theirs
+    """transformers.BloomForCausalLM on our model's own tensors (bloom.interop: no copy, so the weights are
+    in memory once); ImportError without transformers, ValueError for an int8 model (named there)."""
+    return ours.to_transformers().eval()
 
 
 # ---------------------------------------------------------------------------------------------- timing
