@@ -25,6 +25,8 @@ from collections import Counter, OrderedDict
 import torch
 from torch import Tensor
 
+import bloom_kernels as bk
+
 from .logits import choose_tokens, padding_lengths, process_logits, seen_tokens
 
 MODES = ("auto", "eager", "compile", "cuda_graph", "uncached")  # uncached: generate(use_cache=False)
@@ -128,6 +130,7 @@ class StaticDecoder:
             return self.step_uncached
         if self.mode == "compile":
             build_counts["compile"] += 1
+            bk.prepare_to_compile()
             compiled = torch.compile(self.step_eager, fullgraph=True, dynamic=False, backend=self._compile_backend)
             return _skip_guards_after(GUARDED_CALLS, compiled)
         if self.mode == "cuda_graph":

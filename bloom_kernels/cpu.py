@@ -61,13 +61,43 @@ def _gemv(x: Tensor, weight: Tensor, scale: Tensor | None, bias: Tensor | None) 
     # (rows, 1, K) * (1, N, K) summed over K, in fp32: inductor turns this into one loop over the weight
     # (float, or int8 converted in registers) with the rows in registers; it is never materialised. An
     # int8 weight's scale is per output row, so it multiplies the sum, not every product.
-    x2 = x.reshape(-1, weight.shape[1]).float()
+    x2 = _materialized(x.reshape(-1, weight.shape[1]).float())
     y = (x2.unsqueeze(1) * weight.float().unsqueeze(0)).sum(-1)
     if scale is not None:
         y = y * scale.float()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def _materialized(x: Tensor) -> Tensor:
+    """x, made a buffer of its own when inductor compiles the graph around it.
+
+    The multiply-and-sum reads x once per output row. Left to itself inductor inlines a cheap pointwise
+    producer (the LayerNorm before QKV and h->4h) into that loop, recomputing it N times: a vector
+    division per weight element, 3-4x the step's time (small shape, int8: 1.8 ms a step, 0.9 ms with x
+    stored first). Its realization heuristic (config.realize_opcount_threshold) cannot be lowered for
+    the whole graph instead: at 8 rows that realized other broadcasts and ran 4x slower.
+    inductor_force_stride_order asks for x laid out in memory, which realizes it; eagerly it returns x."""
+    if _force_stride_order is None or not torch.compiler.is_compiling():
+        return x
+    return _force_stride_order(x, x.stride())
+
+
+_force_stride_order = None  # inductor's prim, once prepare_to_compile has imported it
+
+
+def prepare_to_compile() -> None:
+    """Import inductor's prim that _materialized traces (call before torch.compile; importing it costs
+    ~1 s, so `import bloom_kernels` does not). Without it, or in a torch build that lacks it (a private
+    API), traced gemvs leave x as inductor decides: the same result, slower."""
+    global _force_stride_order
+    if _force_stride_order is None:
+        try:
+            import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+            _force_stride_order = torch.ops.prims.inductor_force_stride_order.default
+        except (ImportError, AttributeError):  # pragma: no cover - depends on the torch build
+            pass
 
 
 # --------------------------------------------------------------------------------------------------
