@@ -6,7 +6,9 @@ reference engine), on the same random weights, in one process.
     python bench/bench_generate.py --device cuda --dtype bf16 --preset bloom-560m bloom-7b1
 
 Engines (each one that cannot run is skipped with a printed note):
-  bloom          bloom.BloomForCausalLM.generate(decode=--decode), eos disabled (eos_token_id=[])
+  bloom          bloom.BloomForCausalLM.generate(decode=--decode), eos disabled (eos_token_id=[]); with
+                 several modes (--decode eager compile) the first is "bloom", each other one "bloom <mode>"
+                 (and "bloom int8 <mode>"): the modes compared in one run, interleaved
   bloom int8     (--int8) the same weights through bloom.quantize_int8: weight-only int8, per output
                  channel, lm_head included; the row "bloom" (fp32 or --dtype) stays for the int8/fp ratio
   transformers   transformers.BloomForCausalLM on the same weight tensors (no copy), greedy, min_new_tokens =
@@ -89,8 +91,8 @@ def parse_args(argv=None):
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens made per row (>= 2)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8", action="store_true", help="also our weight-only int8 model (and CTranslate2 int8)")
-    parser.add_argument("--decode", choices=["auto", "eager", "compile", "cuda_graph"], default="auto",
-                        help="bloom's generate(decode=...)")
+    parser.add_argument("--decode", choices=["auto", "eager", "compile", "cuda_graph"], nargs="+", default=["auto"],
+                        help="bloom's generate(decode=...); several: one engine each, the first named bloom")
     parser.add_argument("--prefill-check", action=argparse.BooleanOptionalAction, default=None,
                         help=f"time the prefill at batch {PREFILL_CHECK[0]}, prompt {PREFILL_CHECK[1]} "
                              "(bloom vs transformers; default: on CUDA only)")
@@ -98,6 +100,7 @@ def parse_args(argv=None):
     cuda = args.device == "cuda"
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     args.batch = args.batch or ([1, 16] if cuda else [1, 8])
+    args.decode = list(dict.fromkeys(args.decode))  # a mode named twice is one engine
     args.prefill_check = cuda if args.prefill_check is None else args.prefill_check
     if args.new_tokens < 2:
         parser.error("--new-tokens must be >= 2 (decode time = generate(new) - generate(1))")
@@ -120,12 +123,30 @@ def torch_engines(args, device, dtype, notes: list[str]):
         theirs = None
         notes.append("transformers is not importable: no transformers row, no CTranslate2 (it converts "
                      "transformers' model)")
-    engines = [benchmark.bloom_engine("bloom", ours, args.decode)]
-    if args.int8:
-        engines.append(benchmark.bloom_engine("bloom int8", quantize_int8(copy.deepcopy(ours)), args.decode, "int8"))
+    quantized = quantize_int8(copy.deepcopy(ours)) if args.int8 else None
+    engines = []
+    for mode in args.decode:
+        engines.append(benchmark.bloom_engine(engine_name("bloom", mode, args), ours, mode))
+        if quantized is not None:
+            engines.append(benchmark.bloom_engine(engine_name("bloom int8", mode, args), quantized, mode, "int8"))
     if theirs is not None and not args.no_transformers:
         engines.append(benchmark.transformers_engine(theirs))
     return engines, theirs
+
+
+def engine_name(base: str, mode: str, args) -> str:
+    """"bloom" / "bloom int8" for the first --decode mode, "bloom compile" / "bloom int8 compile" for others."""
+    return base if mode == args.decode[0] else f"{base} {mode}"
+
+
+def ratio_pairs(args) -> list[tuple[str, str]]:
+    """RATIOS, and for each further --decode mode the same pairs of its engines plus each against the first."""
+    pairs = list(RATIOS)
+    for mode in args.decode[1:]:
+        fp, int8 = engine_name("bloom", mode, args), engine_name("bloom int8", mode, args)
+        pairs += [(fp, "bloom"), (fp, "transformers"), (fp, "ct2"), (int8, fp), (int8, "ct2 int8"), (int8, "bloom int8"),
+                  (int8, "bloom")]
+    return pairs
 
 
 def ct2_engines(args, theirs, engines, workdir: str, notes: list[str]) -> list[Engine]:
@@ -194,7 +215,7 @@ def measure_batch(engines, args, device, vocab: int, batch: int, prompt_len: int
     hidden, layers = PRESETS[args.preset_name][:2]
     return benchmark.measure_batch(engines, device=device, vocab=vocab, layers=layers, hidden=hidden, batch=batch,
                                    prompt_len=prompt_len, new_tokens=new_tokens, repeats=args.repeats,
-                                   memory=memory, bandwidth=bandwidth, pairs=RATIOS)
+                                   memory=memory, bandwidth=bandwidth, pairs=ratio_pairs(args))
 
 
 # bloom.measure's pairs and CTranslate2's, in the order the JSON has always listed them
@@ -234,7 +255,8 @@ def print_batch(row: dict) -> None:
     notes += [f"{name}: {100 * e['agreement']:.0f}% of tokens agree" for name, e in row["engines"].items()
               if "agreement" in e]
     print(f"\nbatch {row['batch']}" + (f"  ({'; '.join(notes)})" if notes else ""))
-    head = (f"{'engine':>12} | {'prefill ms best/med':>19} | {'decode tok/s best/med':>21} | {'ceiling tok/s':>13} | "
+    width = max(12, *(len(name) for name in row["engines"]))
+    head = (f"{'engine':>{width}} | {'prefill ms best/med':>19} | {'decode tok/s best/med':>21} | {'ceiling tok/s':>13} | "
             f"{'% ceil':>6} | {'peak MiB (+run)':>17}")
     print(head)
     print("-" * len(head))
@@ -243,7 +265,7 @@ def print_batch(row: dict) -> None:
         pre, dec = e["prefill_s"], e["decode_tok_s"]
         peak, rise = e["peak_memory_bytes"], e["memory_rise_bytes"]
         memory = "n/a" if peak is None else f"{peak / mib:.0f} ({rise / mib:+.1f})"
-        print(f"{name:>12} | {1e3 * pre['best']:>9.2f}/{1e3 * pre['median']:<9.2f} | "
+        print(f"{name:>{width}} | {1e3 * pre['best']:>9.2f}/{1e3 * pre['median']:<9.2f} | "
               f"{show(dec['best'], '10.1f')}/{show(dec['median'], '<10.1f')} | {e['ceiling_tok_s']:>13.1f} | "
               f"{show(100 * e['fraction_of_ceiling'], '5.1f')}% | {memory:>17}")
     for metric, found in row["ratios"].items():
@@ -269,12 +291,14 @@ def goals(result: dict, args) -> tuple[list[str], list[str]]:
         return rows[batch]["ratios"]["decode"].get(key) if batch in rows else None
 
     if args.device == "cpu":
-        for batch in (1, 8):
-            if batch in rows:
-                check(f"batch {batch} decode bloom/transformers", ratio(batch, "bloom/transformers"), 1.3)
-        if args.int8 and 1 in rows:
-            check("batch 1 decode bloom int8/bloom", ratio(1, "bloom int8/bloom"), 1.8)
-            check("batch 1 decode bloom int8/ct2 int8", ratio(1, "bloom int8/ct2 int8"), 1.0)
+        for mode in args.decode:  # each decode mode against its peers, int8 against fp in the same mode
+            fp, int8 = engine_name("bloom", mode, args), engine_name("bloom int8", mode, args)
+            for batch in (1, 8):
+                if batch in rows:
+                    check(f"batch {batch} decode {fp}/transformers", ratio(batch, f"{fp}/transformers"), 1.3)
+            if args.int8 and 1 in rows:
+                check(f"batch 1 decode {int8}/{fp}", ratio(1, f"{int8}/{fp}"), 1.8)
+                check(f"batch 1 decode {int8}/ct2 int8", ratio(1, f"{int8}/ct2 int8"), 1.0)
     else:
         if result["preset"] == "bloom-560m":
             for batch, goal in ((1, 20.0), (16, 5.0)):
@@ -315,7 +339,7 @@ def run_preset(args, device, dtype, bandwidth: float, how: str, memory: Memory) 
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"\n== {args.preset_name} (hidden {hidden}, layers {layers}, heads {heads}, vocab {vocab}), {args.dtype} "
               f"on {name}, {torch.get_num_threads()} threads; prompt {args.prompt_len}, {args.new_tokens} new "
-              f"tokens, best of {args.repeats}; decode = {args.decode} ==")
+              f"tokens, best of {args.repeats}; decode = {', '.join(args.decode)} ==")
         print(f"bandwidth {bandwidth:.1f} GB/s ({how}); prefill = generate with max_new_tokens=1; decode tok/s = "
               "batch * (new - 1) / (T_generate - T_prefill)")
         for note in notes:

@@ -153,3 +153,24 @@ def test_bench_byte_counts():
     assert bias_gelu.BYTES["bwd"](8192, 4096, 2) == (3 * 8192 * 4096 + 2 * 4096) * 2
     assert layer_norm.nbytes("fwd", True, 8192, 4096, 2) == (4 * 8192 + 2) * 4096 * 2
     assert layer_norm.nbytes("bwd", False, 8192, 4096, 2) == (3 * 8192 + 3) * 4096 * 2
+
+
+def test_generate_bench_compares_decode_modes_in_one_run(tmp_path, capsys):
+    """--decode eager compile: "bloom" is the first mode, "bloom compile" / "bloom int8 compile" the
+    second, timed in the same run; each mode's int8 is checked against its own fp engine."""
+    pytest.importorskip("transformers")
+    argv = ["--preset", "tiny", "--batch", "1", "--prompt-len", "8", "--new-tokens", "8", "--repeats", "2",
+            "--int8", "--no-ctranslate2", "--decode", "eager", "compile", "eager", "--out", str(tmp_path)]
+    assert load("bench_generate").main(argv) == 0
+    out = capsys.readouterr().out
+    assert "decode = eager, compile ==" in out and "outputs differ" not in out
+    result = json.loads((tmp_path / "generate-tiny-cpu-fp32-int8.json").read_text())
+    assert result["engines"] == ["bloom", "bloom int8", "bloom compile", "bloom int8 compile", "transformers"]
+    (row,) = result["batches"]
+    assert row["outputs_identical"] is True
+    assert row["engines"]["bloom compile"]["agreement"] == 1.0  # the same greedy tokens as transformers'
+    decode = row["ratios"]["decode"]
+    for pair in ("bloom compile/bloom", "bloom compile/transformers", "bloom int8 compile/bloom compile",
+                 "bloom int8 compile/bloom int8", "bloom int8 compile/bloom"):
+        assert _finite_positive(decode[pair]), pair
+    assert any(g.startswith("batch 1 decode bloom int8 compile/bloom compile:") for g in result["goals"])
