@@ -16,7 +16,9 @@ Engines (each one that cannot run is skipped with a printed note):
   ct2, ct2 int8  CTranslate2's Generator on the CPU (--no-ctranslate2; skipped on CUDA and when
                  `ctranslate2` is not importable): transformers' model converted once (float32), loaded
                  with compute_type = --dtype (and "int8" with --int8), intra_threads = torch's threads,
-                 end_token=[] and min_length = max_length, so it never stops early
+                 end_token=[] and min_length = max_length, so it never stops early; served by a child
+                 process (bench/_ct2_server.py: in this one it slowed the other engines 3-5x), called
+                 interleaved with the others like any engine; its time and memory are taken there
 Every engine gets the same prompt (random ids, all rows --prompt-len long, no padding) and makes the
 same --new-tokens tokens per row.
 
@@ -59,10 +61,13 @@ timing (ours and transformers, generate with max_new_tokens=1) runs by default o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import math
 import os
+import subprocess
 import sys
 import tempfile
 
@@ -149,9 +154,10 @@ def ratio_pairs(args) -> list[tuple[str, str]]:
     return pairs
 
 
-def ct2_engines(args, theirs, engines, workdir: str, notes: list[str]) -> list[Engine]:
+def ct2_engines(args, theirs, engines, workdir: str, notes: list[str], stack: contextlib.ExitStack) -> list[Engine]:
     """CTranslate2 Generators of transformers' model (float32 conversion, loaded at --dtype and, with
-    --int8, at "int8"); [] with a note where CTranslate2 cannot run."""
+    --int8, at "int8"), served by a child process (bench/_ct2_server.py says why; `stack` stops it);
+    [] with a note where CTranslate2 cannot run."""
     if args.no_ctranslate2:
         return []
     if args.device != "cpu":
@@ -187,24 +193,69 @@ def ct2_engines(args, theirs, engines, workdir: str, notes: list[str]) -> list[E
     supported = ctranslate2.get_supported_compute_types("cpu")
     fp = {e.kind: e for e in engines if e.name.startswith("bloom")}
     wanted = [("ct2", CT2_COMPUTE[args.dtype], "fp")] + ([("ct2 int8", "int8", "int8")] if args.int8 else [])
-    result = []
-    for name, compute_type, kind in wanted:
+    for name, compute_type, kind in list(wanted):
         if compute_type not in supported:
             notes.append(f"CTranslate2 on this CPU lacks compute_type {compute_type} (has {sorted(supported)}): "
                          f"no {name} row")
-            continue
-        generator = ctranslate2.Generator(model_dir, device="cpu", compute_type=compute_type, inter_threads=1,
-                                          intra_threads=torch.get_num_threads())
+            wanted.remove((name, compute_type, kind))
+    if not wanted:
+        return []
+    server = stack.enter_context(Ct2Server(model_dir, torch.get_num_threads(), [ct for _, ct, _ in wanted], workdir))
+    notes.append("CTranslate2 runs in a child process (bench/_ct2_server.py: in this one it slowed the other "
+                 "engines' OpenMP code 3-5x); its peak memory is that process's")
+    # bytes as our model of the same kind (CTranslate2 int8 also keeps fp32 scales, as ours)
+    return [Engine(name, functools.partial(server.generate, compute_type), fp[kind].weights, kind,
+                   4 if compute_type == "int8" else fp[kind].kv_size, last_seconds=server.last_seconds,
+                   last_memory=server.last_memory)
+            for name, compute_type, kind in wanted]
 
-        def run(ids, n, generator=generator):
-            tokens = [[f"<{i}>" for i in row] for row in ids.tolist()]
-            results = generator.generate_batch(tokens, max_length=n, min_length=n, sampling_topk=1, end_token=[],
-                                               include_prompt_in_result=False)
-            return torch.tensor([r.sequences_ids[0] for r in results])
 
-        # bytes as our model of the same kind (CTranslate2 int8 also keeps fp32 scales, as ours)
-        result.append(Engine(name, run, fp[kind].weights, kind, 4 if compute_type == "int8" else fp[kind].kv_size))
-    return result
+class Ct2Server:
+    """bench/_ct2_server.py as a child process: generate(compute_type, ids, n) -> (B, n) tokens."""
+
+    def __init__(self, model_dir: str, threads: int, compute_types: list[str], workdir: str):
+        self._stderr = open(os.path.join(workdir, "ct2_server.stderr"), "w+", encoding="utf-8")
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ct2_server.py")
+        self._process = subprocess.Popen([sys.executable, script, model_dir, str(threads), *compute_types],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
+                                         text=True, bufsize=1)
+        self._seconds, self._memory = float("nan"), (None, None)
+        self._read()  # {"ready": ...}: the generators are loaded
+
+    def _read(self) -> dict:
+        line = self._process.stdout.readline()
+        if not line:
+            self._stderr.seek(0)
+            tail = self._stderr.read()[-2000:].strip()
+            raise RuntimeError(f"the CTranslate2 process exited ({self._process.poll()}): {tail or 'no output'}")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"CTranslate2: {answer['error']}")
+        return answer
+
+    def generate(self, compute_type: str, ids: torch.Tensor, n: int) -> torch.Tensor:
+        self._process.stdin.write(json.dumps({"compute_type": compute_type, "ids": ids.tolist(), "n": n}) + "\n")
+        answer = self._read()
+        self._seconds, self._memory = answer["seconds"], (answer["peak"], answer["rise"])
+        return torch.tensor(answer["tokens"])
+
+    def last_seconds(self) -> float:
+        return self._seconds
+
+    def last_memory(self):
+        return self._memory
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._process.stdin.close()
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._stderr.close()
 
 
 # ---------------------------------------------------------------------------------------------- measures
@@ -333,9 +384,9 @@ def write_results(result: dict, out: str, name: str) -> None:
 def run_preset(args, device, dtype, bandwidth: float, how: str, memory: Memory) -> dict:
     notes: list[str] = []
     hidden, layers, heads, vocab = PRESETS[args.preset_name]
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as workdir, contextlib.ExitStack() as stack:
         engines, theirs = torch_engines(args, device, dtype, notes)
-        engines += ct2_engines(args, theirs, engines, workdir, notes)
+        engines += ct2_engines(args, theirs, engines, workdir, notes, stack)
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(f"\n== {args.preset_name} (hidden {hidden}, layers {layers}, heads {heads}, vocab {vocab}), {args.dtype} "
               f"on {name}, {torch.get_num_threads()} threads; prompt {args.prompt_len}, {args.new_tokens} new "

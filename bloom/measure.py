@@ -26,10 +26,20 @@ MIB = 2**20
 
 class Engine:
     """One way to generate: run(ids, n) -> the n new tokens (B, n) on the CPU; `weights`: bytes read per
-    decode step for the weights; `kind`: "fp" or "int8" (which ceiling); `kv_size`: KV element bytes."""
+    decode step for the weights; `kind`: "fp" or "int8" (which ceiling); `kv_size`: KV element bytes;
+    for an engine that runs in another process, `last_seconds`: () -> the wall time of its last call
+    there, taken around the call in that process (the pipe's and the scheduler's latency, ms-sized
+    outliers on a busy 2-core machine, are not the engine's), and `last_memory`: () -> (peak, rise) bytes
+    of that call there (this process's peak would say nothing of it)."""
 
-    def __init__(self, name: str, run, weights: int, kind: str, kv_size: int):
+    def __init__(self, name: str, run, weights: int, kind: str, kv_size: int, last_seconds=None, last_memory=None):
         self.name, self.run, self.weights, self.kind, self.kv_size = name, run, weights, kind, kv_size
+        self.last_seconds, self.last_memory = last_seconds, last_memory
+
+    def seconds(self, ids, n: int, device) -> float:
+        """Wall time of run(ids, n): taken here, or where the engine ran."""
+        here = wall_s(lambda: self.run(ids, n), device)
+        return here if self.last_seconds is None else self.last_seconds()
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -282,11 +292,13 @@ def _time_repeats(live, ids, new_tokens: int, repeats: int, device, memory: Memo
         for e in list(live):
             def generate(e=e):
                 if r > 0:
-                    return wall_s(lambda: e.run(ids, new_tokens), device)
+                    return e.seconds(ids, new_tokens, device)
                 timed = []
-                peaks[e.name] = memory.measure(lambda: timed.append(wall_s(lambda: e.run(ids, new_tokens), device)))
+                peaks[e.name] = memory.measure(lambda: timed.append(e.seconds(ids, new_tokens, device)))
+                if e.last_memory is not None:
+                    peaks[e.name] = e.last_memory()
                 return timed[0]
-            t_prefill = guarded(f"{e.name} batch {batch} prefill", lambda: wall_s(lambda: e.run(ids, 1), device), notes)
+            t_prefill = guarded(f"{e.name} batch {batch} prefill", lambda: e.seconds(ids, 1, device), notes)
             t_generate = guarded(f"{e.name} batch {batch} generate", generate, notes)
             tick(f"batch {batch}: {e.name} repeat {r + 1}/{repeats}")
             if math.isnan(t_prefill) or math.isnan(t_generate):

@@ -80,7 +80,12 @@ def test_generate_bench_runs_end_to_end_on_cpu(int8, tmp_path, capsys):
         assert list(row["engines"]) == engines
         for engine, e in row["engines"].items():
             for key in ("prefill_s", "generate_s", "decode_tok_s"):
-                assert _finite_positive(e[key]["best"]) and _finite_positive(e[key]["median"]), (engine, key)
+                assert _finite_positive(e[key]["best"]), (engine, key)
+                # CTranslate2 makes tiny's 16 tokens in < 1 ms in a process of its own that shares the 2
+                # cores with this one: a call held up a few ms by the scheduler can make the median
+                # generate shorter than the median prefill, whose difference is then None (no rate)
+                assert _finite_positive(e[key]["median"]) or (engine.startswith("ct2") and key == "decode_tok_s"
+                                                              and e[key]["median"] is None), (engine, key)
             for key in ("bytes_per_step", "weight_bytes", "kv_bytes", "ceiling_tok_s", "fraction_of_ceiling"):
                 assert _finite_positive(e[key]), (engine, key)
             assert e["peak_memory_bytes"] is None or _finite_positive(e["peak_memory_bytes"])
