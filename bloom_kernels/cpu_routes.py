@@ -5,18 +5,20 @@ decided by a rule, because the fastest one changes from shape to shape and machi
                                       MEASURED_MAX_ROWS rows) times every route on the call's own tensors
                                       and keeps the fastest, in memory and on disk; a one-line note on
                                       stderr says so (BLOOM_KERNELS_TUNE_QUIET=1 silences it)
-    BLOOM_KERNELS_CPU_ROUTE=default   no timing: the reference route (F.linear / dequant) unless a pick
-                                      is already known
+    BLOOM_KERNELS_CPU_ROUTE=default   no timing: DEFAULT_ROUTE (F.linear / blocked) unless a pick is
+                                      already known
     BLOOM_KERNELS_CPU_ROUTE=<route>   that route for every call of an op that has it (F.linear, rowblock,
-                                      gemv, dequant) that needs no gradient: to compare routes, or to
-                                      pin one
+                                      gemv, dequant, blocked) that needs no gradient: to compare routes,
+                                      or to pin one
 
 Picks live in cpu_routes.json under the tuning cache folder (~/.cache/bloom_kernels, or
 $BLOOM_KERNELS_CACHE_DIR), keyed by the machine (CPU model, torch version, threads), the op, the exact
 row count, N, K, dtype and bias; `python -m bloom_kernels.tune --cpu --model bloom-560m` measures a
 model's decode shapes ahead of time (`--remeasure` times them again: a pick timed while the machine
 was busy with something else can be wrong). Nothing is timed while torch.compile traces or when
-gradients are needed (the reference runs: it is what autograd differentiates). Inside a graph that
+gradients are needed (the reference runs: it is what autograd differentiates). Calls of more rows
+(prefill) take DEFAULT_ROUTE untimed: F.linear, and for int8 the blocked dequantization (the reference's
+whole fp32 weight per call was 3-5x slower at bloom-560m's shapes), or the reference while compiling. Inside a graph that
 torch.compile traces, decode-sized calls take TRACED_ROUTE (gemv; see there why).
 """
 
@@ -35,7 +37,8 @@ from ._tune_cache import note_tuning, tuning_cache
 
 ROUTE_ENV = "BLOOM_KERNELS_CPU_ROUTE"
 ROUTES = {"linear": cpu.LINEAR_ROUTES, "int8_linear": cpu.INT8_LINEAR_ROUTES}
-DEFAULT_ROUTE = {"linear": "F.linear", "int8_linear": "dequant"}
+DEFAULT_ROUTE = {"linear": "F.linear", "int8_linear": "blocked"}
+REFERENCE_ROUTE = {"linear": "F.linear", "int8_linear": "dequant"}  # gradients; prefill while compiling
 _CHOICES = frozenset({"measure", "default"} | {name for routes in ROUTES.values() for name in routes})
 MEASURED_MAX_ROWS = 16  # decode; more rows (prefill) take the default, where MKL's GEMM is at its best
 TIMING_ROUNDS = 7       # rounds over all routes, interleaved; each route keeps its best round
@@ -113,13 +116,14 @@ def route(op: str, x: Tensor, weight: Tensor, bias: Tensor | None, args: tuple) 
     """The route name for this call of `op` (args: the call's arguments, timed if it must measure)."""
     choice = requested()
     if torch.is_grad_enabled() and any(isinstance(a, Tensor) and a.requires_grad for a in args):
-        return DEFAULT_ROUTE[op]
+        return REFERENCE_ROUTE[op]
     if choice in ROUTES[op]:
         return choice
     k = weight.shape[1]
     key = (op, x.numel() // k if k else 0, weight.shape[0], k, x.dtype, bias is not None)
     if not 0 < key[1] <= MEASURED_MAX_ROWS:
-        return DEFAULT_ROUTE[op]
+        # traced, a block loop would unroll into the graph: the reference's one dequantization instead
+        return REFERENCE_ROUTE[op] if torch.compiler.is_compiling() else DEFAULT_ROUTE[op]
     if torch.compiler.is_compiling():
         return TRACED_ROUTE
     known = _known_pick(*key)

@@ -14,7 +14,7 @@ import torch._dynamo.testing
 import bloom_kernels
 from bloom_kernels import _tune_cache, cpu, cpu_routes, reference
 
-COSTS = {"F.linear": 3.0, "rowblock": 1.0, "gemv": 2.0, "onednn": 4.0, "dequant": 5.0}
+COSTS = {"F.linear": 3.0, "rowblock": 1.0, "gemv": 2.0, "onednn": 4.0, "dequant": 5.0, "blocked": 6.0}
 
 
 @pytest.fixture
@@ -117,7 +117,13 @@ def test_a_route_that_fails_here_is_not_a_candidate(routes, monkeypatch, tmp_pat
 def test_prefill_sized_inputs_take_the_default_untimed(routes, tmp_path):
     x, w, b = _linear_inputs(rows=cpu_routes.MEASURED_MAX_ROWS + 1)
     bloom_kernels.linear(x, w, b)
-    assert routes == ["F.linear"] and not (tmp_path / "bk" / "cpu_routes.json").exists()
+    q, s = reference.quantize_int8(w)
+    bloom_kernels.int8_linear(x, q, s, b)
+    # with gradients (int8: the input's), the reference routes autograd differentiates
+    bloom_kernels.linear(x.clone().requires_grad_(), w, b)
+    bloom_kernels.int8_linear(x.clone().requires_grad_(), q, s, b)
+    assert routes == ["F.linear", "blocked", "F.linear", "dequant"]
+    assert not (tmp_path / "bk" / "cpu_routes.json").exists()
 
 
 def test_environment_default_pinned_and_invalid(routes, monkeypatch, tmp_path):

@@ -54,6 +54,20 @@ def test_int8_linear_routes_match_float64(route, rows_shape, n, k, with_bias):
     torch.testing.assert_close(y.double(), expected, **TOLERANCE[torch.float32])
 
 
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_blocked_route_over_many_uneven_blocks(with_bias, dtype, monkeypatch):
+    """blocked with blocks of 7 output rows: 129 rows = 18 blocks + a partial one, each written once
+    (a block lost, repeated or shifted fails against float64), bias sliced with its block."""
+    monkeypatch.setattr(cpu, "DEQUANT_BLOCK_BYTES", 4 * 200 * 7)
+    x, w, b = _inputs((3, 19), 129, 200, dtype, with_bias, seed=11)
+    q, s = reference.quantize_int8(w.float())
+    y = cpu.int8_linear_blocked(x, q, s, b)
+    expected = _float64_linear(x, reference.dequantize_int8(q, s).double(), b)
+    assert y.shape == (3, 19, 129) and y.dtype == dtype
+    torch.testing.assert_close(y.double(), expected, **TOLERANCE[dtype])
+
+
 def test_rowblock_takes_f_linear_when_rows_do_not_split():
     """7 output rows split neither in 4 nor in 2: the row-block route is F.linear itself."""
     x, w, b = _inputs((2,), 7, 16, torch.float32, True, seed=1)
