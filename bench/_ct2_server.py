@@ -22,15 +22,14 @@ import sys
 import time
 
 
-def _status(key: str) -> int | None:
+def _memory() -> dict[str, int]:
+    """This process's VmRSS and VmHWM in bytes ({} where /proc cannot be read)."""
     try:
         with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
     except OSError:
-        pass
-    return None
+        return {}
+    return {key: int(fields[key].split()[0]) * 1024 for key in ("VmRSS", "VmHWM") if key in fields}
 
 
 def _reset_peak() -> bool:
@@ -54,13 +53,14 @@ def main(argv: list[str]) -> int:
             request = json.loads(line)
             tokens = [[f"<{i}>" for i in row] for row in request["ids"]]
             resettable = _reset_peak()
-            before = _status("VmRSS")
+            before = _memory().get("VmRSS")
             start = time.perf_counter()
             results = generators[request["compute_type"]].generate_batch(
                 tokens, max_length=request["n"], min_length=request["n"], sampling_topk=1, end_token=[],
                 include_prompt_in_result=False)
             seconds = time.perf_counter() - start
-            peak = max(_status("VmHWM"), before) if resettable and before is not None else None
+            after = _memory()
+            peak = max(after["VmHWM"], before) if resettable and before is not None and "VmHWM" in after else None
             answer = {"tokens": [r.sequences_ids[0] for r in results], "seconds": seconds, "peak": peak,
                       "rise": None if peak is None else peak - before}
         except Exception as exc:  # noqa: BLE001 - reported to the parent, which skips the engine

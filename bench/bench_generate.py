@@ -224,10 +224,15 @@ class Ct2Server:
 
     def _read(self) -> dict:
         line = self._process.stdout.readline()
-        if not line:
+        if not line:  # it exited: its last stderr line is the exception that ended it
+            try:
+                code = self._process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                code = self._process.wait()
             self._stderr.seek(0)
-            tail = self._stderr.read()[-2000:].strip()
-            raise RuntimeError(f"the CTranslate2 process exited ({self._process.poll()}): {tail or 'no output'}")
+            lines = self._stderr.read().strip().splitlines()
+            raise RuntimeError(f"the CTranslate2 process exited ({code}): {lines[-1] if lines else 'no output'}")
         answer = json.loads(line)
         if "error" in answer:
             raise RuntimeError(f"CTranslate2: {answer['error']}")

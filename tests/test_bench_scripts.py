@@ -179,3 +179,12 @@ def test_generate_bench_compares_decode_modes_in_one_run(tmp_path, capsys):
                  "bloom int8 compile/bloom int8", "bloom int8 compile/bloom"):
         assert _finite_positive(decode[pair]), pair
     assert any(g.startswith("batch 1 decode bloom int8 compile/bloom compile:") for g in result["goals"])
+
+
+def test_ct2_server_that_cannot_start_says_why(tmp_path):
+    """bench_generate's CTranslate2 child process: a model folder it cannot load ends it, and the
+    parent raises with the child's own error instead of waiting on the pipe."""
+    pytest.importorskip("ctranslate2")
+    server_class = load("bench_generate").Ct2Server
+    with pytest.raises(RuntimeError, match=r"the CTranslate2 process exited \(1\): RuntimeError: .*no-such-model"):
+        server_class(str(tmp_path / "no-such-model"), 1, ["float32"], str(tmp_path))
