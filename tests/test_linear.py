@@ -99,3 +99,24 @@ def test_public_linear_dispatch(backend, path, monkeypatch):
     before = _dispatch.dispatch_counts[("linear", path)]
     bloom_kernels.linear(torch.randn(2, 8), torch.randn(4, 8))
     assert _dispatch.dispatch_counts[("linear", path)] == before + 1
+
+
+def test_gemv_compiled_per_shape_stride_and_dtype_without_dynamo():
+    """The eager gemv route compiles its graph with inductor directly (no dynamo frame, so no guards):
+    the key is therefore the whole guard — a transposed input of the same shape, and another dtype, get
+    their own compilation and the right numbers."""
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(5)
+    w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
+    q, s = reference.quantize_int8(w)
+    x = torch.randn(3, 40, generator=g)
+    x_t = x.t().contiguous().t()  # the same values, column-major
+    counters.clear()
+    before = len(cpu._compiled)
+    for inp in (x, x_t, x.to(torch.bfloat16)):
+        expected = _float64_linear(inp, reference.dequantize_int8(q, s).double(), b)
+        got = cpu.int8_linear_gemv(inp, q, s, b)
+        torch.testing.assert_close(got.double(), expected, **TOLERANCE[inp.dtype])
+    assert len(cpu._compiled) == before + 3
+    assert not counters["stats"].get("calls_captured")  # dynamo traced nothing
