@@ -38,20 +38,22 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------
 # Finding the files
 # --------------------------------------------------------------------------------------------------
-def find_weight_files(name_or_path, hub: HubOptions) -> tuple[list[Path], str]:
-    """The checkpoint's weight files and their format ('safetensors' or 'torch')."""
-    for index_name, single_name, fmt in ((SAFE_INDEX, SAFE_WEIGHTS, "safetensors"),
-                                         (TORCH_INDEX, TORCH_WEIGHTS, "torch")):
+# (single file, index of shards, format) in the order a checkpoint folder or hub repo is searched
+WEIGHT_FORMATS = ((SAFE_WEIGHTS, SAFE_INDEX, "safetensors"), (TORCH_WEIGHTS, TORCH_INDEX, "torch"))
+
+
+def find_weight_files(name_or_path, hub: HubOptions, formats=WEIGHT_FORMATS) -> tuple[list[Path], str]:
+    """The checkpoint's weight files and their format: the first of `formats` present, its single file
+    before its index (bloom.flax passes its own list, with transformers' Flax msgpack)."""
+    for single_name, index_name, fmt in formats:
         single = resolve_file(name_or_path, single_name, hub, required=False)
         if single is not None:
             return [single], fmt
         index = resolve_file(name_or_path, index_name, hub, required=False)
         if index is not None:
             return [resolve_file(name_or_path, shard, hub) for shard in read_index(index)], fmt
-    raise FileNotFoundError(
-        f"no weights found in {name_or_path}: looked for {SAFE_WEIGHTS}, {SAFE_INDEX}, "
-        f"{TORCH_WEIGHTS} and {TORCH_INDEX}"
-    )
+    names = [name for single_name, index_name, _ in formats for name in (single_name, index_name)]
+    raise FileNotFoundError(f"no weights found in {name_or_path}: looked for {', '.join(names[:-1])} and {names[-1]}")
 
 
 def read_index(path: Path) -> list[str]:

@@ -18,30 +18,21 @@ from flax.serialization import msgpack_restore
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from ..config import BloomConfig
-from ..hub import HubOptions, resolve_file
-from ..loading import (SAFE_INDEX, SAFE_WEIGHTS, CheckpointError, find_weight_files, iter_checkpoint, map_name,
-                       parse_size, read_index, write_safetensors)
+from ..hub import HubOptions
+from ..loading import (WEIGHT_FORMATS, CheckpointError, find_weight_files, iter_checkpoint, map_name, parse_size,
+                       write_safetensors)
 from .convert import array_to_tensor, tensor_to_array, torch_name, torch_shape
 
 FLAX_WEIGHTS = "flax_model.msgpack"
 FLAX_INDEX = "flax_model.msgpack.index.json"
+CHECKPOINT_FORMATS = (WEIGHT_FORMATS[0], (FLAX_WEIGHTS, FLAX_INDEX, "msgpack"), *WEIGHT_FORMATS[1:])
 BASE_KEY = "transformer"  # the base model's subtree in a causal LM (transformers' base_model_prefix)
 
 
 def find_checkpoint(name_or_path, hub: HubOptions) -> tuple[list[Path], str]:
     """The weight files and their format: safetensors first (the PyTorch model's checkpoints), then
     transformers' Flax msgpack, then pytorch_model.bin."""
-    for single, index, fmt in ((SAFE_WEIGHTS, SAFE_INDEX, "safetensors"), (FLAX_WEIGHTS, FLAX_INDEX, "msgpack")):
-        path = resolve_file(name_or_path, single, hub, required=False)
-        if path is not None:
-            return [path], fmt
-        path = resolve_file(name_or_path, index, hub, required=False)
-        if path is not None:
-            return [resolve_file(name_or_path, shard, hub) for shard in read_index(path)], fmt
-    try:
-        return find_weight_files(name_or_path, hub)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err}, {FLAX_WEIGHTS} and {FLAX_INDEX}") from None
+    return find_weight_files(name_or_path, hub, formats=CHECKPOINT_FORMATS)
 
 
 def expected_params(module, input_ids_shape=(1, 1)) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
