@@ -17,9 +17,10 @@ row count, N, K, dtype and bias; `python -m bloom_kernels.tune --cpu --model blo
 model's decode shapes ahead of time (`--remeasure` times them again: a pick timed while the machine
 was busy with something else can be wrong). Nothing is timed while torch.compile traces or when
 gradients are needed (the reference runs: it is what autograd differentiates). Calls of more rows
-(prefill) take DEFAULT_ROUTE untimed: F.linear, and for int8 the blocked dequantization (the reference's
-whole fp32 weight per call was 3-5x slower at bloom-560m's shapes), or the reference while compiling. Inside a graph that
-torch.compile traces, decode-sized calls take TRACED_ROUTE (gemv; see there why).
+(prefill) take DEFAULT_ROUTE untimed: F.linear, and for int8 the blocked dequantization (the
+reference's whole fp32 weight per call was 3-5x slower at bloom-560m's shapes), or the reference while
+compiling. Inside a graph that torch.compile traces, decode-sized calls take TRACED_ROUTE (gemv; see
+there why).
 """
 
 from __future__ import annotations
